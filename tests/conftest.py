@@ -1,0 +1,67 @@
+"""Shared fixtures: the official reference outputs, and checkpoint files written the way they are published."""
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import zoo  # noqa: F401  (registers the models with timm)
+
+FIXTURES = Path(__file__).parent / 'fixtures' / 'official'
+
+
+@dataclass
+class OfficialReference:
+    """One file of tests/fixtures/official: the official state dict and the official model's outputs."""
+    state_dict: Dict[str, torch.Tensor]
+    inputs: List[torch.Tensor]
+    outputs: List[torch.Tensor]
+
+
+def load_reference(name: str) -> OfficialReference:
+    tensors = load_file(str(FIXTURES / f'{name}.safetensors'))
+    prefix = 'state_dict.'
+    # floats are stored as float16; the official model ran with exactly these values in float32
+    state_dict = {k[len(prefix):]: v.float() if v.is_floating_point() else v
+                  for k, v in tensors.items() if k.startswith(prefix)}
+    count = sum(k.startswith('input_') for k in tensors)
+    return OfficialReference(
+        state_dict, [tensors[f'input_{i}'] for i in range(count)], [tensors[f'output_{i}'] for i in range(count)])
+
+
+@pytest.fixture(scope='session')
+def reference():
+    """``reference(name)`` -> :class:`OfficialReference` of ``tests/fixtures/official/{name}.safetensors``."""
+    cache = {}
+
+    def get(name: str) -> OfficialReference:
+        if name not in cache:
+            cache[name] = load_reference(name)
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope='session')
+def official_keys() -> Dict[str, Dict[str, List[int]]]:
+    """Key -> shape of every official state dict, full size, per ``family/model`` (official_state_dict_keys.json)."""
+    return json.loads((FIXTURES / 'official_state_dict_keys.json').read_text())
+
+
+def training_checkpoint(state_dict: Dict[str, torch.Tensor], **extra) -> dict:
+    """A timm-0.4 style training checkpoint around ``state_dict``, as the VAN originals are published."""
+    return {
+        'epoch': 299, 'arch': 'van_b0', 'state_dict': state_dict, 'version': 2, 'metric': 75.4,
+        'optimizer': {'state': {0: {'exp_avg': torch.ones(4), 'step': torch.tensor(10.)}},
+                      'param_groups': [{'lr': 1e-5, 'weight_decay': 0.05, 'params': [0]}]},
+        'args': argparse.Namespace(model='van_b0', lr=1e-3, epochs=300, drop_path=0.1),
+        **extra,
+    }
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-4) -> None:
+    diff = (actual - expected).abs().max().item()
+    assert diff <= atol, f'max abs diff {diff:.3g} > {atol}'

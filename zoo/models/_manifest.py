@@ -1,0 +1,54 @@
+"""``weights_manifest.yaml`` -> timm pretrained cfgs.
+
+The manifest is the single source of truth for every pretrained tag: where the weights are published, in which
+source layout, under which license, with which preprocessing and reported accuracy. Model files build their
+``default_cfgs`` from it with :func:`manifest_cfgs`.
+"""
+import functools
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import yaml
+
+__all__ = ['MANIFEST_PATH', 'load_manifest', 'manifest_cfgs']
+
+MANIFEST_PATH = Path(__file__).resolve().parent.parent / 'weights_manifest.yaml'
+
+_REQUIRED_FIELDS = ('family', 'params_m', 'top1', 'license', 'paper', 'origin_url', 'source', 'preprocessing')
+_PREPROCESSING_FIELDS = ('input_size', 'interpolation', 'crop_pct', 'mean', 'std')
+
+
+@functools.lru_cache(maxsize=None)
+def load_manifest() -> Dict[str, Dict[str, Any]]:
+    """Every manifest entry, keyed by its ``model.tag`` name, in file order."""
+    with open(MANIFEST_PATH, encoding='utf-8') as f:
+        manifest = yaml.safe_load(f)
+    for tag, entry in manifest.items():
+        missing = [k for k in _REQUIRED_FIELDS if k not in entry]
+        missing += [f'preprocessing.{k}' for k in _PREPROCESSING_FIELDS if k not in entry.get('preprocessing', {})]
+        if missing:
+            raise ValueError(f'{MANIFEST_PATH}: entry {tag!r} lacks {", ".join(missing)}')
+    return manifest
+
+
+def _cfg_args(entry: Dict[str, Any]) -> Dict[str, Any]:
+    pre = entry['preprocessing']
+    args = dict(
+        input_size=tuple(pre['input_size']), interpolation=pre['interpolation'], crop_pct=pre['crop_pct'],
+        mean=tuple(pre['mean']), std=tuple(pre['std']),
+        license=entry['license'], paper_name=entry['paper']['name'], paper_ids=entry['paper']['id'],
+        origin_url=entry['origin_url'],
+    )
+    source = entry['source']
+    if 'hf_hub_id' in source:
+        # custom_load='hf' routes file and Hub downloads through model.load_pretrained(), so zoo's safe reader and
+        # converters, not the installed timm version, decide how a foreign checkpoint is unpickled and mapped
+        args.update(hf_hub_id=source['hf_hub_id'], hf_hub_filename=source['hf_hub_filename'], custom_load='hf')
+    else:
+        args.update(custom_load='hf', notes=(f'weights: {source["url"]}',))
+    return args
+
+
+def manifest_cfgs(family: str, cfg: Callable[..., Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Pretrained cfgs of one family, ``{'model.tag': cfg(**manifest fields)}``, ready for generate_default_cfgs."""
+    return {tag: cfg(**_cfg_args(entry)) for tag, entry in load_manifest().items() if entry['family'] == family}
