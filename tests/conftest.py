@@ -65,3 +65,22 @@ def training_checkpoint(state_dict: Dict[str, torch.Tensor], **extra) -> dict:
 def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-4) -> None:
     diff = (actual - expected).abs().max().item()
     assert diff <= atol, f'max abs diff {diff:.3g} > {atol}'
+
+
+def lay_out_hub_cache(cache_dir: Path, repo_id: str, files: Dict[str, bytes], commit: str = 'a' * 40) -> None:
+    """Write ``files`` into ``cache_dir`` exactly as huggingface_hub caches a download of ``repo_id`` at ``main``."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo / 'refs').mkdir(parents=True, exist_ok=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    snapshot = repo / 'snapshots' / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+
+
+def torch_bytes(obj) -> bytes:
+    """``obj`` serialised with torch.save, as a checkpoint file's bytes."""
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

@@ -5,12 +5,12 @@ safetensors files are recognised by their header, whatever their name. Everythin
 training checkpoints (VAN, EfficientMod) keep their ``args`` in. A pickle that asks for anything else is refused.
 """
 import argparse
-import json
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, List, Union
 
 import torch
 from safetensors.torch import load_file
@@ -41,19 +41,29 @@ def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f'{path}: damaged safetensors file ({e}); download or export it again') from e
 
 
+def _unsafe_globals(path: Path, error: Exception) -> List[str]:
+    """The globals a refused pickle asked for ([] when the refusal was about something else, e.g. damage)."""
+    if zipfile.is_zipfile(path):
+        try:
+            return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # a damaged archive: the load error says more than this would
+            return []
+    return re.findall(r'GLOBAL ([\w.]+)', str(error))
+
+
 def _read_pickle(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(str(path), map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) \
-            if zipfile.is_zipfile(path) else 'a global that is not allow-listed'
+    except Exception as e:  # torch.load reports damage with many exception types, refusals with UnpicklingError
+        unsafe = _unsafe_globals(path, e) if isinstance(e, pickle.UnpicklingError) else []
+        if unsafe:
+            raise CheckpointError(
+                f'{path}: refused to unpickle: it needs {", ".join(unsafe)}, which a weights-only checkpoint never '
+                f'contains. If you trust its origin, load it in your own code and save its state dict with '
+                f'safetensors') from e
         raise CheckpointError(
-            f'{path}: refused to unpickle: it needs {unsafe}, which a weights-only checkpoint never contains. '
-            f'If you trust its origin, load it in your own code and save its state dict with safetensors') from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, struct.error, ValueError, json.JSONDecodeError) as e:
-        raise CheckpointError(f'{path}: not a readable PyTorch or safetensors checkpoint (truncated or damaged?): '
-                              f'{e}') from e
+            f'{path}: not a readable PyTorch or safetensors checkpoint (truncated or damaged?): {e}') from e
 
 
 def read_checkpoint(path: Union[str, Path]) -> Any:

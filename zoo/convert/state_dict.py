@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 import torch
 from torch import nn
 
-from zoo.models._checkpoint import adaptable_keys
+from zoo.models._checkpoint import classifier_keys, first_conv_keys
 from .reader import CheckpointError
 
 __all__ = [
@@ -125,18 +125,24 @@ def detect_layout(state_dict: Mapping[str, torch.Tensor], layouts: Sequence[Sour
         f'first keys: {_preview(list(state_dict), 5)}')
 
 
+def _fits(checkpoint_shape: torch.Size, model_shape: torch.Size, first_conv: bool) -> bool:
+    if first_conv:  # only the number of input channels may differ
+        return checkpoint_shape[:1] + checkpoint_shape[2:] == model_shape[:1] + model_shape[2:]
+    return checkpoint_shape == model_shape
+
+
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, layout: str) -> None:
     """Raise :class:`CheckpointMismatchError` unless every key and shape fits ``model``.
 
-    The classifier and first conv may differ in shape (num_classes / in_chans are adapted on load), and a classifier
-    may be present for a model built without one.
+    As timm adapts them on load, the classifier may have any shape (or be present for a model built without one)
+    and the first conv may have other input channels.
     """
     target = model.state_dict()
-    adaptable = adaptable_keys(model)
+    classifier, first_conv = classifier_keys(model), first_conv_keys(model)
     missing = [k for k in target if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in target and k not in adaptable]
+    unexpected = [k for k in state_dict if k not in target and k not in classifier]
     mismatched = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in state_dict.items()
-                  if k in target and k not in adaptable and v.shape != target[k].shape]
+                  if k in target and k not in classifier and not _fits(v.shape, target[k].shape, k in first_conv)]
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(type(model).__name__, layout, missing, unexpected, mismatched)
 

@@ -41,11 +41,9 @@ def _cfg_args(entry: Dict[str, Any]) -> Dict[str, Any]:
     )
     source = entry['source']
     if 'hf_hub_id' in source:
-        # custom_load='hf' routes file and Hub downloads through model.load_pretrained(), so zoo's safe reader and
-        # converters, not the installed timm version, decide how a foreign checkpoint is unpickled and mapped
-        args.update(hf_hub_id=source['hf_hub_id'], hf_hub_filename=source['hf_hub_filename'], custom_load='hf')
+        args.update(hf_hub_id=source['hf_hub_id'], hf_hub_filename=source['hf_hub_filename'])
     else:
-        args.update(custom_load='hf', notes=(f'weights: {source["url"]}',))
+        args.update(notes=(f'weights: {source["url"]}',))
     return args
 
 

@@ -25,7 +25,7 @@ from timm.models._features import feature_take_indices
 
 from zoo.layers import LargeKernelAttention, batchnorm_affine, conv_with_input_affine, conv_with_output_affine, \
     fuse_conv_bn
-from ._checkpoint import ConvertedCheckpointMixin, checkpoint_filter_fn
+from ._checkpoint import checkpoint_filter_fn
 from ._manifest import manifest_cfgs
 
 __all__ = ['VAN']
@@ -167,7 +167,7 @@ class VanStage(nn.Module):
         return self.norm(x)
 
 
-class VAN(ConvertedCheckpointMixin, nn.Module):
+class VAN(nn.Module):
     """Visual Attention Network.
 
     Stage ``i`` runs at stride 4 * 2**i with ``embed_dims[i]`` channels; the first stage embeds 7x7 patches at
@@ -211,7 +211,7 @@ class VAN(ConvertedCheckpointMixin, nn.Module):
         self.drop_rate = drop_rate
         self.feature_info = []
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))
         stages = []
         prev_chs = in_chans
         for i, (dim, depth, mlp_ratio) in enumerate(zip(embed_dims, depths, mlp_ratios)):

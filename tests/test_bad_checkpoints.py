@@ -1,0 +1,114 @@
+"""Bad checkpoints end in one clear error that names the problem, and nothing in them is ever executed."""
+import pytest
+import torch
+import timm
+from safetensors.torch import save_file
+
+from zoo.convert import CheckpointError, CheckpointMismatchError, convert_van, read_checkpoint
+from conftest import training_checkpoint
+
+
+class _RunsCodeWhenUnpickled:
+    """Pickles as a call to ``open(marker, 'w')``: loading it with plain pickle would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+@pytest.fixture
+def malicious_checkpoint(tmp_path):
+    marker = tmp_path / 'code_ran'
+    path = tmp_path / 'van_tiny_754.pth.tar'
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'args': _RunsCodeWhenUnpickled(marker)}, path)
+    return path, marker
+
+
+@pytest.fixture
+def van_b0_state_dict(reference):
+    return dict(reference('van_b0').state_dict)
+
+
+def _load(path):
+    return timm.create_model('van_b0', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+class TestReader:
+    def test_refuses_a_pickle_that_would_run_code(self, malicious_checkpoint):
+        path, marker = malicious_checkpoint
+        with pytest.raises(CheckpointError, match=r'refused to unpickle: it needs \w+\.open'):
+            read_checkpoint(path)
+        assert not marker.exists()
+
+    def test_reads_training_checkpoints_with_args_namespace(self, tmp_path, van_b0_state_dict):
+        torch.save(training_checkpoint(van_b0_state_dict), tmp_path / 'ck.pth.tar')
+        checkpoint = read_checkpoint(tmp_path / 'ck.pth.tar')
+        assert checkpoint['args'].model == 'van_b0'
+
+    def test_truncated_pickle(self, tmp_path, van_b0_state_dict):
+        torch.save(van_b0_state_dict, tmp_path / 'full.pth')
+        data = (tmp_path / 'full.pth').read_bytes()
+        (tmp_path / 'cut.pth').write_bytes(data[:len(data) // 2])
+        with pytest.raises(CheckpointError, match='truncated or damaged'):
+            read_checkpoint(tmp_path / 'cut.pth')
+
+    def test_truncated_safetensors_whatever_its_name(self, tmp_path, van_b0_state_dict):
+        save_file(van_b0_state_dict, tmp_path / 'full.safetensors')
+        data = (tmp_path / 'full.safetensors').read_bytes()
+        (tmp_path / 'weights.bin').write_bytes(data[:len(data) // 2])
+        with pytest.raises(CheckpointError, match='damaged safetensors file'):
+            read_checkpoint(tmp_path / 'weights.bin')
+
+    def test_not_a_checkpoint_at_all(self, tmp_path):
+        (tmp_path / 'notes.pth').write_text('these are not weights')
+        with pytest.raises(CheckpointError, match='not a readable PyTorch or safetensors checkpoint'):
+            read_checkpoint(tmp_path / 'notes.pth')
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(CheckpointError, match='no such checkpoint file'):
+            read_checkpoint(tmp_path / 'absent.pth')
+
+
+class TestPublicLoadingPath:
+    def test_refuses_a_pickle_that_would_run_code(self, malicious_checkpoint):
+        path, marker = malicious_checkpoint
+        with pytest.raises(Exception, match='weights_only'):
+            _load(path)
+        assert not marker.exists()
+
+    def test_checkpoint_of_another_architecture(self, tmp_path):
+        torch.save(timm.create_model('resnet18').state_dict(), tmp_path / 'resnet18.pth')
+        with pytest.raises(CheckpointError, match=r'not a VAN checkpoint: .*first keys: \[conv1\.weight'):
+            _load(tmp_path / 'resnet18.pth')
+
+    def test_missing_keys_are_named_with_the_detected_layout(self, tmp_path, van_b0_state_dict):
+        del van_b0_state_dict['block4.1.mlp.fc2.weight']
+        del van_b0_state_dict['norm4.bias']
+        torch.save(training_checkpoint(van_b0_state_dict), tmp_path / 'partial.pth.tar')
+        with pytest.raises(CheckpointMismatchError) as error:
+            _load(tmp_path / 'partial.pth.tar')
+        assert 'detected layout: official' in str(error.value)
+        assert error.value.missing == ['stages.3.blocks.1.mlp.fc2.weight', 'stages.3.norm.bias']
+
+    def test_checkpoint_of_another_size_names_both_shapes(self, van_b0_state_dict):
+        with torch.device('meta'):
+            van_b1 = timm.create_model('van_b1')
+        with pytest.raises(CheckpointMismatchError) as error:
+            convert_van(van_b0_state_dict, van_b1)
+        assert ('stages.0.downsample.conv.weight', (32, 3, 7, 7), (64, 3, 7, 7)) in error.value.mismatched
+        assert 'stages.0.blocks.2.attn.proj1.weight' in error.value.unexpected  # b0 has 3 blocks in stage 0, b1 two
+        assert 'stages.0.blocks.0.attn.proj1.weight: checkpoint (32, 32, 1, 1) vs model (64, 64, 1, 1)' \
+            in str(error.value)
+
+    def test_unexpected_keys_are_named(self, van_b0_state_dict):
+        van_b0_state_dict['block1.0.attn.extra.weight'] = torch.zeros(1)
+        with torch.device('meta'):
+            model = timm.create_model('van_b0')
+        with pytest.raises(CheckpointMismatchError, match=r"unexpected \[stages\.0\.blocks\.0\.attn\.extra\.weight\]"):
+            convert_van(van_b0_state_dict, model)
+
+    def test_container_without_a_state_dict(self):
+        with pytest.raises(CheckpointError, match='not tensors'):
+            convert_van({'epoch': 3, 'acc': 75.0}, timm.create_model('van_b0'))
