@@ -3,7 +3,8 @@
 Paper: `Visual Attention Network` (Guo et al., arXiv 2202.09741), Sec. 3.2. A K x K convolution with dilation d is
 decomposed into a (2d - 1) x (2d - 1) depthwise conv, a ceil(K / d) x ceil(K / d) depthwise conv with dilation d and
 a 1 x 1 conv; the result multiplies the input element-wise. With the paper's K = 21, d = 3 this is the 5 x 5 ->
-7 x 7 (dilation 3) -> 1 x 1 stack of the official code.
+7 x 7 (dilation 3) -> 1 x 1 stack of the official code, whose receptive field is 23 x 23 (K rounded up to whole
+dilated taps).
 """
 import math
 

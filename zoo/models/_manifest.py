@@ -19,15 +19,18 @@ _PREPROCESSING_FIELDS = ('input_size', 'interpolation', 'crop_pct', 'mean', 'std
 
 
 @functools.lru_cache(maxsize=None)
-def load_manifest() -> Dict[str, Dict[str, Any]]:
+def load_manifest(path: Path = MANIFEST_PATH) -> Dict[str, Dict[str, Any]]:
     """Every manifest entry, keyed by its ``model.tag`` name, in file order."""
-    with open(MANIFEST_PATH, encoding='utf-8') as f:
+    with open(path, encoding='utf-8') as f:
         manifest = yaml.safe_load(f)
     for tag, entry in manifest.items():
         missing = [k for k in _REQUIRED_FIELDS if k not in entry]
         missing += [f'preprocessing.{k}' for k in _PREPROCESSING_FIELDS if k not in entry.get('preprocessing', {})]
+        source = entry.get('source', {})
+        if not ({'hf_hub_id', 'hf_hub_filename'} <= set(source) or 'url' in source) or 'layout' not in source:
+            missing.append('source.hf_hub_id + source.hf_hub_filename, or source.url, and source.layout')
         if missing:
-            raise ValueError(f'{MANIFEST_PATH}: entry {tag!r} lacks {", ".join(missing)}')
+            raise ValueError(f'{path}: entry {tag!r} lacks {", ".join(missing)}')
     return manifest
 
 
