@@ -78,6 +78,13 @@ class TestPublicLoadingPath:
             _load(path)
         assert not marker.exists()
 
+    def test_truncated_file(self, tmp_path, van_b0_state_dict):
+        torch.save(training_checkpoint(van_b0_state_dict), tmp_path / 'full.pth.tar')
+        data = (tmp_path / 'full.pth.tar').read_bytes()
+        (tmp_path / 'cut.pth.tar').write_bytes(data[:len(data) // 3])
+        with pytest.raises(RuntimeError, match='zip archive'):
+            _load(tmp_path / 'cut.pth.tar')
+
     def test_checkpoint_of_another_architecture(self, tmp_path):
         torch.save(timm.create_model('resnet18').state_dict(), tmp_path / 'resnet18.pth')
         with pytest.raises(CheckpointError, match=r'not a VAN checkpoint: .*first keys: \[conv1\.weight'):

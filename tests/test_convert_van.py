@@ -55,8 +55,9 @@ class TestOfficialParity:
     def test_state_dict_source(self, reference):
         """timm's in-memory ``state_dict`` source goes through checkpoint_filter_fn."""
         ref = reference('van_tiny_config')
+        overlay = dict(state_dict=ref.state_dict, num_classes=10)
         model = timm.create_model('van_b0', pretrained=True, embed_dims=(16, 32, 48, 64), depths=(1, 1, 2, 1),
-                                  num_classes=10, pretrained_cfg_overlay=dict(state_dict=ref.state_dict, num_classes=10))
+                                  num_classes=10, pretrained_cfg_overlay=overlay)
         assert_reproduces(model.eval(), ref)
 
 

@@ -76,7 +76,8 @@ def _run_offline(tmp_path, reference, kwargs: str) -> float:
 
 def test_pretrained_loads_the_transformers_repo_from_the_hub_cache(tmp_path, reference):
     weights = as_transformers_layout(reference('van_b0').state_dict)
-    lay_out_hub_cache(tmp_path / 'hub', 'Visual-Attention-Network/van-tiny', {'pytorch_model.bin': torch_bytes(weights)})
+    lay_out_hub_cache(tmp_path / 'hub', 'Visual-Attention-Network/van-tiny',
+                      {'pytorch_model.bin': torch_bytes(weights)})
     assert _run_offline(tmp_path, reference, '{}') <= 1e-4
 
 

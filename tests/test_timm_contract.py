@@ -16,10 +16,6 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from zoo.models import list_zoo_models
 
 MODELS = list_zoo_models()
-# the 60M-200M parameter configs are covered by the same code at a fraction of the cost through the small ones;
-# they still get forward, backward and cfg checks
-LARGE = {'van_b4', 'van_b5', 'van_b6'}
-SMALL = [m for m in MODELS if m not in LARGE]
 
 
 def _input(model: torch.nn.Module, target: int, batch_size: int = 1) -> torch.Tensor:
@@ -42,7 +38,7 @@ def test_every_family_is_registered():
 @pytest.mark.parametrize('model_name', MODELS)
 def test_forward(model_name):
     model = timm.create_model(model_name).eval()
-    x = _input(model, 224 if model_name not in LARGE else 128)
+    x = _input(model, 224)
     with torch.no_grad():
         out = model(x)
         model.set_grad_checkpointing()
@@ -71,8 +67,6 @@ def test_default_cfg_matches_model(model_name):
     state_dict = model.state_dict()
     assert f"{cfg['classifier']}.weight" in state_dict
     assert f"{cfg['first_conv']}.weight" in state_dict
-    if model_name in LARGE:
-        return  # the shape checks below run at the full 224 px input
     x = _input(model, 448)
     with torch.no_grad():
         features = model.forward_features(x)
@@ -90,7 +84,7 @@ def test_default_cfg_matches_model(model_name):
         assert headless(x).shape == features.shape
 
 
-@pytest.mark.parametrize('model_name', SMALL)
+@pytest.mark.parametrize('model_name', MODELS)
 def test_torchscript(model_name):
     with set_layer_config(scriptable=True):
         model = timm.create_model(model_name).eval()
@@ -100,7 +94,7 @@ def test_torchscript(model_name):
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('model_name', SMALL)
+@pytest.mark.parametrize('model_name', MODELS)
 def test_features_only(model_name):
     model = timm.create_model(model_name, features_only=True).eval()
     channels, reductions = model.feature_info.channels(), model.feature_info.reduction()
@@ -113,7 +107,7 @@ def test_features_only(model_name):
         assert feature.shape[-1] <= math.ceil(x.shape[-1] / reduction) + 1
 
 
-@pytest.mark.parametrize('model_name', SMALL)
+@pytest.mark.parametrize('model_name', MODELS)
 def test_forward_intermediates(model_name):
     model = timm.create_model(model_name).eval()
     feature_info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
@@ -133,7 +127,7 @@ def test_forward_intermediates(model_name):
         torch.testing.assert_close(model(x), intermediates[1])
 
 
-@pytest.mark.parametrize('model_name', SMALL)
+@pytest.mark.parametrize('model_name', MODELS)
 def test_fx_forward_equals_eager(model_name):
     model = timm.create_model(model_name).eval()
     x = _input(model, 128)
@@ -143,7 +137,7 @@ def test_fx_forward_equals_eager(model_name):
     assert torch.equal(actual, expected)
 
 
-@pytest.mark.parametrize('model_name', SMALL)
+@pytest.mark.parametrize('model_name', MODELS)
 def test_fx_backward_reaches_every_parameter(model_name):
     model = timm.create_model(model_name, num_classes=42).train()
     fx_model = _fx_model(model)

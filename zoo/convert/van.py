@@ -6,10 +6,11 @@ Layouts:
     transformers  Hugging Face ``VanForImageClassification`` (``van.encoder.stages.0.layers.0...``, ``classifier``),
                   the ``Visual-Attention-Network/van-{tiny,small,base,large}`` repos. Its ``van.layernorm`` is not used
                   by the transformers forward either and is dropped.
-    mmpretrain    OpenMMLab (``backbone.patch_embed1.projection``, ``backbone.blocks1.0.attn.spatial_gating_unit.DW_conv``,
-                  ``head.fc``). mmpretrain builds its stage LayerNorms with eps 1e-5, the official models 1e-6:
-                  build the model with ``norm_eps=1e-5`` to reproduce mmpretrain's outputs exactly.
-    zoo           this package's own keys (``stages.0.downsample.conv``), e.g. a folder written by ``zoo convert``.
+    mmpretrain    OpenMMLab (``backbone.patch_embed1.projection``,
+                  ``backbone.blocks1.0.attn.spatial_gating_unit.DW_conv``, ``head.fc``). mmpretrain builds its stage
+                  LayerNorms with eps 1e-5, the official models 1e-6: build the model with ``norm_eps=1e-5`` to
+                  reproduce mmpretrain's outputs exactly.
+    zoo           this package's own keys (``stages.0.downsample.conv``), e.g. a state dict saved from a zoo model.
 """
 from typing import Any, Dict, Mapping
 
@@ -29,9 +30,17 @@ def _one_based(target: str):
     return lambda m: target.format(int(m[1]) - 1, *m.groups()[1:])
 
 
-_BLOCK_RULES = (
+_OFFICIAL_RULES = (
+    (r'^patch_embed(\d)\.proj\.', _one_based('stages.{0}.downsample.conv.')),
+    (r'^patch_embed(\d)\.norm\.', _one_based('stages.{0}.downsample.norm.')),
+    (r'^block(\d)\.(\d+)\.', _one_based('stages.{0}.blocks.{1}.')),
+    (r'^norm(\d)\.', _one_based('stages.{0}.norm.')),
     (r'\.attn\.proj_1\.', '.attn.proj1.'),
     (r'\.attn\.proj_2\.', '.attn.proj2.'),
+    (r'\.spatial_gating_unit\.conv0\.', '.lka.conv_dw.'),
+    (r'\.spatial_gating_unit\.conv_spatial\.', '.lka.conv_dw_dilated.'),
+    (r'\.spatial_gating_unit\.conv1\.', '.lka.conv_pw.'),
+    (r'\.mlp\.dwconv\.dwconv\.', '.mlp.dwconv.'),
     (r'\.layer_scale_(\d)$', r'.ls\1.gamma'),
 )
 
@@ -43,17 +52,7 @@ VAN_LAYOUTS = (
     SourceLayout(
         name='official',
         marker=r'patch_embed1\.proj\.weight',
-        rules=(
-            (r'^patch_embed(\d)\.proj\.', _one_based('stages.{0}.downsample.conv.')),
-            (r'^patch_embed(\d)\.norm\.', _one_based('stages.{0}.downsample.norm.')),
-            (r'^block(\d)\.(\d+)\.', _one_based('stages.{0}.blocks.{1}.')),
-            (r'^norm(\d)\.', _one_based('stages.{0}.norm.')),
-            (r'\.spatial_gating_unit\.conv0\.', '.lka.conv_dw.'),
-            (r'\.spatial_gating_unit\.conv_spatial\.', '.lka.conv_dw_dilated.'),
-            (r'\.spatial_gating_unit\.conv1\.', '.lka.conv_pw.'),
-            (r'\.mlp\.dwconv\.dwconv\.', '.mlp.dwconv.'),
-            *_BLOCK_RULES,
-        ),
+        rules=_OFFICIAL_RULES,
     ),
     SourceLayout(
         name='transformers',
@@ -83,15 +82,14 @@ VAN_LAYOUTS = (
         name='mmpretrain',
         marker=r'backbone\.patch_embed1\.projection\.weight',
         rules=(
-            (r'^backbone\.patch_embed(\d)\.projection\.', _one_based('stages.{0}.downsample.conv.')),
-            (r'^backbone\.patch_embed(\d)\.norm\.', _one_based('stages.{0}.downsample.norm.')),
-            (r'^backbone\.blocks(\d)\.(\d+)\.', _one_based('stages.{0}.blocks.{1}.')),
-            (r'^backbone\.norm(\d)\.', _one_based('stages.{0}.norm.')),
-            (r'\.spatial_gating_unit\.DW_conv\.', '.lka.conv_dw.'),
-            (r'\.spatial_gating_unit\.DW_D_conv\.', '.lka.conv_dw_dilated.'),
-            (r'\.spatial_gating_unit\.conv1\.', '.lka.conv_pw.'),
+            # mmpretrain renamed a few official modules; undo that, then map as the official layout
+            (r'^backbone\.', ''),
+            (r'^(patch_embed\d)\.projection\.', r'\1.proj.'),
+            (r'^blocks(\d)\.', r'block\1.'),
+            (r'\.spatial_gating_unit\.DW_conv\.', '.spatial_gating_unit.conv0.'),
+            (r'\.spatial_gating_unit\.DW_D_conv\.', '.spatial_gating_unit.conv_spatial.'),
             (r'^head\.fc\.', 'head.'),
-            *_BLOCK_RULES,
+            *_OFFICIAL_RULES,
         ),
     ),
 )

@@ -1,0 +1,152 @@
+"""Throughput benchmark for zoo models against timm baselines, measured in one run on one machine.
+
+For every model and baseline: images/s of inference (eval mode, no grad) and of a training step (forward, backward,
+SGD step) at each batch size, in NCHW and channels_last, for the training form and, where the model can fuse, its
+``timm.utils.reparameterize_model`` form. Each figure is the median of ``--repeats`` timed runs after ``--warmup``
+untimed ones, with torch's intra-op threads pinned; the forms of one configuration take turns run by run. Results
+are appended to benchmarks/RESULTS.md with a description of the machine.
+
+    python benchmarks/bench.py --models van_b0 --baselines resnet18 mobilenetv2_100 --batch-sizes 1 16
+"""
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List
+
+import torch
+import timm
+from timm.utils import reparameterize_model
+
+import zoo  # noqa: F401  (registers the zoo models)
+
+RESULTS = Path(__file__).parent / 'RESULTS.md'
+MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
+
+
+@dataclass
+class Measurement:
+    model: str
+    form: str  # 'eval' (training form in eval mode), 'reparam' or 'train'
+    memory_format: str
+    batch_size: int
+    images_per_s: float
+    ms_per_batch: float
+
+
+def interleaved_median_seconds(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int) -> Dict[str, float]:
+    """Median seconds of each step; the steps take turns, so a slow spell of the machine hits all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _inference_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        with torch.inference_mode():
+            model(x)
+    return step
+
+
+def _training_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    target = torch.randint(0, model.num_classes, (x.shape[0],))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    return step
+
+
+def _can_fuse(model: torch.nn.Module) -> bool:
+    return any(hasattr(m, 'reparameterize') or hasattr(m, 'fuse') for m in model.modules())
+
+
+def measure(name: str, args: argparse.Namespace) -> Iterator[Measurement]:
+    """Every requested configuration of one model, in a fixed order."""
+    for format_name in args.memory_formats:
+        memory_format = MEMORY_FORMATS[format_name]
+        model = timm.create_model(name).to(memory_format=memory_format).eval()
+        forms = {'eval': model}
+        if _can_fuse(model):
+            forms['reparam'] = reparameterize_model(model)
+        for batch_size in args.batch_sizes:
+            x = torch.randn(batch_size, 3, args.img_size, args.img_size).to(memory_format=memory_format)
+            steps = {form: _inference_step(m, x) for form, m in forms.items()} if 'infer' in args.modes else {}
+            if 'train' in args.modes:
+                steps['train'] = _training_step(timm.create_model(name).to(memory_format=memory_format).train(), x)
+            for form, seconds in interleaved_median_seconds(steps, args.warmup, args.repeats).items():
+                yield Measurement(name, form, format_name, batch_size, batch_size / seconds, seconds * 1e3)
+
+
+def describe_machine(threads: int) -> str:
+    cpu = platform.processor() or 'unknown CPU'
+    if Path('/proc/cpuinfo').exists():
+        names = [line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
+                 if line.startswith('model name')]
+        cpu = names[0] if names else cpu
+    return (f'{cpu}, {os.cpu_count()} logical CPUs, {threads} torch threads; {platform.system()} '
+            f'{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, '
+            f'timm {timm.__version__}')
+
+
+def render(measurements: List[Measurement], args: argparse.Namespace) -> str:
+    lines = [
+        f'## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC — {", ".join(args.models)} '
+        f'vs {", ".join(args.baselines)}',
+        '',
+        f'Machine: {describe_machine(args.threads)}. Input {args.img_size}x{args.img_size}; median of '
+        f'{args.repeats} runs after {args.warmup} warm-up runs. `eval`: training form in eval mode; `reparam`: after '
+        f'`timm.utils.reparameterize_model`; `train`: forward + backward + SGD step.',
+        '',
+        '| model | form | memory format | batch | img/s | ms / batch |',
+        '|---|---|---|---:|---:|---:|',
+    ]
+    lines += [f'| {m.model} | {m.form} | {m.memory_format} | {m.batch_size} | {m.images_per_s:.1f} | '
+              f'{m.ms_per_batch:.1f} |' for m in measurements]
+    return '\n'.join(lines) + '\n\n'
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['van_b0'])
+    parser.add_argument('--baselines', nargs='*', default=['resnet18', 'mobilenetv2_100'])
+    parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 16])
+    parser.add_argument('--memory-formats', nargs='+', choices=list(MEMORY_FORMATS), default=list(MEMORY_FORMATS))
+    parser.add_argument('--modes', nargs='+', choices=['infer', 'train'], default=['infer', 'train'])
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--threads', type=int, default=os.cpu_count())
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=15)
+    parser.add_argument('--out', type=Path, default=RESULTS, help='markdown file the results are appended to')
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    measurements = []
+    for name in [*args.models, *args.baselines]:
+        for m in measure(name, args):
+            print(f'{m.model:<18}{m.form:<9}{m.memory_format:<15}b{m.batch_size:<4}{m.images_per_s:9.1f} img/s',
+                  flush=True)
+            measurements.append(m)
+    with open(args.out, 'a', encoding='utf-8') as f:
+        f.write(render(measurements, args))
+
+
+if __name__ == '__main__':
+    main()
