@@ -3,6 +3,7 @@
 Run like a user, in a fresh interpreter with ``HF_HUB_OFFLINE=1`` and a Hub cache laid out on disk, so the real
 timm and huggingface_hub code paths resolve the files; the weights inside are the official reference weights.
 """
+import json
 import os
 import re
 import subprocess
@@ -54,21 +55,20 @@ def test_inverse_table_yields_the_published_transformers_keys(official_keys):
 
 
 _LOAD_AND_COMPARE = '''
-import sys, torch, timm, zoo
+import json, sys, torch, timm, zoo
 inputs, expected = torch.load(sys.argv[1])
-kwargs = eval(sys.argv[2])
-model = timm.create_model('van_b0', pretrained=True, **kwargs).eval()
+model = timm.create_model('van_b0', pretrained=True, **json.loads(sys.argv[2])).eval()
 with torch.no_grad():
     print('max_abs_diff', (model(inputs) - expected).abs().max().item())
 '''
 
 
-def _run_offline(tmp_path, reference, kwargs: str) -> float:
+def _run_offline(tmp_path, reference, kwargs: dict) -> float:
     ref = reference('van_b0')
     io_file = tmp_path / 'io.pt'
     torch.save((ref.inputs[0], ref.outputs[0]), io_file)
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'home'))
-    result = subprocess.run([sys.executable, '-c', _LOAD_AND_COMPARE, str(io_file), kwargs],
+    result = subprocess.run([sys.executable, '-c', _LOAD_AND_COMPARE, str(io_file), json.dumps(kwargs)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return float(result.stdout.split('max_abs_diff')[1])
@@ -78,16 +78,15 @@ def test_pretrained_loads_the_transformers_repo_from_the_hub_cache(tmp_path, ref
     weights = as_transformers_layout(reference('van_b0').state_dict)
     lay_out_hub_cache(tmp_path / 'hub', 'Visual-Attention-Network/van-tiny',
                       {'pytorch_model.bin': torch_bytes(weights)})
-    assert _run_offline(tmp_path, reference, '{}') <= 1e-4
+    assert _run_offline(tmp_path, reference, {}) <= 1e-4
 
 
 def test_pretrained_loads_the_original_training_checkpoint_from_the_hub_cache(tmp_path, reference):
     checkpoint = training_checkpoint(reference('van_b0').state_dict)
     lay_out_hub_cache(tmp_path / 'hub', 'Visual-Attention-Network/VAN-Tiny-original',
                       {'van_tiny_754.pth.tar': torch_bytes(checkpoint)})
-    overlay = "dict(pretrained_cfg_overlay=dict(hf_hub_id='Visual-Attention-Network/VAN-Tiny-original', " \
-              "hf_hub_filename='van_tiny_754.pth.tar'))"
-    assert _run_offline(tmp_path, reference, overlay) <= 1e-4
+    overlay = dict(hf_hub_id='Visual-Attention-Network/VAN-Tiny-original', hf_hub_filename='van_tiny_754.pth.tar')
+    assert _run_offline(tmp_path, reference, dict(pretrained_cfg_overlay=overlay)) <= 1e-4
 
 
 def test_missing_cache_entry_fails_offline_with_the_repo_named(tmp_path, reference):

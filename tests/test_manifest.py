@@ -4,8 +4,7 @@ import timm
 import torch
 from timm.data import resolve_data_config
 
-from zoo.models import FAMILY_MODULES
-from zoo.models._manifest import load_manifest
+from zoo.models import FAMILY_MODULES, load_manifest
 
 MANIFEST = load_manifest()
 

@@ -8,8 +8,7 @@ from typing import Any, Dict, List, Tuple
 import timm
 import torch
 
-from zoo.models import FAMILY_MODULES
-from zoo.models._manifest import load_manifest
+from zoo.models import FAMILY_MODULES, load_manifest
 
 __all__ = ['ModelSummary', 'summarize_models', 'weights_location']
 

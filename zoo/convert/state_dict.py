@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 import torch
 from torch import nn
 
-from zoo.models._checkpoint import classifier_keys, first_conv_keys
+from zoo.models import classifier_keys, first_conv_keys
 from .reader import CheckpointError
 
 __all__ = [

@@ -17,8 +17,7 @@ from typing import Any, Dict, Mapping
 import torch
 from torch import nn
 
-from zoo.models._checkpoint import register_converter
-from zoo.models.van import VAN
+from zoo.models import VAN, register_converter
 from .state_dict import SourceLayout, convert_with_layouts
 
 __all__ = ['VAN_LAYOUTS', 'convert_van']

@@ -3,9 +3,14 @@ from typing import List
 
 import timm
 
+from ._checkpoint import checkpoint_filter_fn, classifier_keys, first_conv_keys, register_converter
+from ._manifest import load_manifest
 from .van import VAN
 
-__all__ = ['FAMILY_MODULES', 'VAN', 'list_zoo_models']
+__all__ = [
+    'FAMILY_MODULES', 'VAN', 'checkpoint_filter_fn', 'classifier_keys', 'first_conv_keys', 'list_zoo_models',
+    'load_manifest', 'register_converter',
+]
 
 # timm records a model's module as the last component of its Python module name
 FAMILY_MODULES = ('van',)
