@@ -1,0 +1,99 @@
+"""ODConv2d: the official numerics, whichever computation serves a layer shape, in forward and backward."""
+import re
+
+import pytest
+import torch
+
+from zoo.layers import ODConv2d, set_temperature
+from conftest import FIXTURES, assert_logits_close, load_reference
+
+LAYER_FIXTURES = sorted(p.stem for p in FIXTURES.glob('odconv2d_*.safetensors'))
+
+
+def _layer_from_fixture_name(name: str) -> ODConv2d:
+    c, o, k, s, g, n = map(int, re.fullmatch(r'odconv2d_c(\d+)_o(\d+)_k(\d+)_s(\d+)_g(\d+)_n(\d+)', name).groups())
+    return ODConv2d(c, o, k, stride=s, groups=g, kernel_num=n)
+
+
+def test_all_six_official_layer_fixtures_are_here():
+    assert len(LAYER_FIXTURES) == 6
+
+
+@pytest.mark.parametrize('name', LAYER_FIXTURES)
+def test_reproduces_the_official_layer(name):
+    ref = load_reference(name)
+    layer = _layer_from_fixture_name(name)
+    layer.load_state_dict(ref.state_dict)  # strict: the parameters map 1:1 onto the official ones
+    layer.eval()
+    with torch.no_grad():
+        assert_logits_close(layer(ref.inputs[0]), ref.outputs[0])
+        assert_logits_close(layer.forward_reference(ref.inputs[0]), ref.outputs[0])
+
+
+# (in, out, kernel, stride, groups, kernel_num, input size): every computation path, incl. both sides of the
+# small / large feature-map switch (28 x 28 output positions)
+SHAPES = [
+    (8, 12, 1, 1, 1, 1, 9), (8, 12, 1, 2, 1, 4, 9), (8, 12, 1, 1, 1, 2, 30),
+    (8, 12, 3, 1, 1, 1, 9), (8, 12, 3, 2, 1, 1, 11), (8, 12, 3, 1, 1, 4, 10), (8, 12, 3, 2, 1, 2, 9),
+    (8, 12, 3, 1, 1, 1, 30), (8, 12, 3, 1, 1, 4, 29), (8, 8, 3, 1, 8, 4, 9), (8, 8, 3, 2, 8, 1, 30),
+    (8, 12, 3, 1, 2, 4, 9), (6, 6, 5, 1, 1, 1, 8),
+]
+
+
+def _make_pair(shape, batch_size: int, train: bool):
+    c, o, k, s, g, n, size = shape
+    torch.manual_seed(0)
+    layer = ODConv2d(c, o, k, stride=s, groups=g, kernel_num=n).double().train(train)
+    with torch.no_grad():  # non-trivial attention BatchNorm statistics
+        layer.attention.bn.running_mean.uniform_(-0.5, 0.5)
+        layer.attention.bn.running_var.uniform_(0.5, 2.)
+    x = torch.randn(batch_size, c, size, size, dtype=torch.float64)
+    return layer, x
+
+
+def _output_and_grads(layer, x, forward):
+    x = x.clone().requires_grad_()
+    out = forward(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    grads = [x.grad] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'c{}_o{}_k{}_s{}_g{}_n{}_{}px'.format(*s))
+@pytest.mark.parametrize('batch_size', [1, 3])
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_fast_path_equals_official_computation(shape, batch_size, train):
+    layer, x = _make_pair(shape, batch_size, train)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    out, grads = _output_and_grads(layer, x, layer)
+    layer.load_state_dict(state)  # undo the running-statistics update of the first pass
+    ref_out, ref_grads = _output_and_grads(layer, x, layer.forward_reference)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)
+
+
+def test_train_mode_with_a_batch_of_one_uses_the_running_statistics():
+    layer, x = _make_pair((8, 12, 3, 1, 1, 4, 9), 1, train=True)
+    before = layer.attention.bn.running_mean.clone()
+    train_out = layer(x)
+    torch.testing.assert_close(layer.attention.bn.running_mean, before)
+    torch.testing.assert_close(train_out, layer.eval()(x))
+
+
+def test_temperature_flattens_the_attentions():
+    layer, x = _make_pair((8, 12, 3, 1, 1, 4, 9), 3, train=False)
+    sharp = layer.attention(x)[3]
+    set_temperature(layer, 30.)
+    assert layer.attention.temperature == 30.
+    flat = layer.attention(x)[3]
+    spread = lambda p: p.max(dim=1).values - p.min(dim=1).values  # noqa: E731
+    assert spread(flat).max() < spread(sharp).min()
+    torch.testing.assert_close(flat.sum(dim=1), torch.ones(3, dtype=flat.dtype))
+
+
+def test_scriptable():
+    layer, x = _make_pair((8, 12, 3, 1, 1, 4, 9), 2, train=False)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(layer)(x), layer(x))
