@@ -8,6 +8,7 @@ converters that load the official weights. Layering, each importing only those b
 from . import models
 from . import convert
 from .convert import CheckpointError, read_checkpoint
+from .layers import odconv_temperature, set_temperature
 
 __version__ = '0.1.0'
-__all__ = ['CheckpointError', 'read_checkpoint', '__version__']
+__all__ = ['CheckpointError', 'odconv_temperature', 'read_checkpoint', 'set_temperature', '__version__']

@@ -5,7 +5,7 @@ by the layout's rules, and the result is checked key by key and shape by shape a
 """
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ class CheckpointMismatchError(CheckpointError):
     """A checkpoint whose converted keys or shapes do not fit the target model."""
 
     def __init__(self, model: str, layout: str, missing: List[str], unexpected: List[str],
-                 mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]) -> None:
+                 mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]], sides: str = '') -> None:
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
         parts = []
         if missing:
@@ -70,8 +70,8 @@ class CheckpointMismatchError(CheckpointError):
             shapes = [f'{k}: checkpoint {tuple(got)} vs model {tuple(want)}' for k, got, want in mismatched]
             parts.append(f'mis-shaped {_preview(shapes)}')
         super().__init__(
-            f'checkpoint (detected layout: {layout}) does not fit {model}: {"; ".join(parts)}. '
-            f'Is it a checkpoint of another model or size?')
+            f'checkpoint (detected layout: {layout}) does not fit {model}: {sides or "keys differ"}; '
+            f'{"; ".join(parts)}. Is it a checkpoint of another model or size?')
 
 
 def _preview(items: Sequence[str], limit: int = 8) -> str:
@@ -131,11 +131,16 @@ def _fits(checkpoint_shape: torch.Size, model_shape: torch.Size, first_conv: boo
     return checkpoint_shape == model_shape
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, layout: str) -> None:
+Describe = Callable[[Mapping[str, torch.Tensor]], str]
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, layout: str,
+                     describe: Optional[Describe] = None) -> None:
     """Raise :class:`CheckpointMismatchError` unless every key and shape fits ``model``.
 
     As timm adapts them on load, the classifier may have any shape (or be present for a model built without one)
-    and the first conv may have other input channels.
+    and the first conv may have other input channels. ``describe(state_dict)`` summarises a checkpoint or model
+    (e.g. 'kernel_num 4') for the error, which then names both sides.
     """
     target = model.state_dict()
     classifier, first_conv = classifier_keys(model), first_conv_keys(model)
@@ -144,14 +149,15 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, l
     mismatched = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in state_dict.items()
                   if k in target and k not in classifier and not _fits(v.shape, target[k].shape, k in first_conv)]
     if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(type(model).__name__, layout, missing, unexpected, mismatched)
+        sides = f'checkpoint has {describe(state_dict)}, model has {describe(target)}' if describe else ''
+        raise CheckpointMismatchError(type(model).__name__, layout, missing, unexpected, mismatched, sides)
 
 
-def convert_with_layouts(checkpoint: Any, model: nn.Module, layouts: Sequence[SourceLayout],
-                         family: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+def convert_with_layouts(checkpoint: Any, model: nn.Module, layouts: Sequence[SourceLayout], family: str,
+                         use_ema: bool = False, describe: Optional[Describe] = None) -> Dict[str, torch.Tensor]:
     """Unwrap ``checkpoint``, detect its layout, rename its keys and check them against ``model``."""
     state_dict = unwrap_state_dict(checkpoint, use_ema=use_ema)
     layout = detect_layout(state_dict, layouts, family)
     converted = layout.convert(state_dict)
-    check_state_dict(converted, model, layout.name)
+    check_state_dict(converted, model, layout.name, describe)
     return converted

@@ -32,14 +32,13 @@ from torch import nn
 import torch.nn.functional as F
 from timm.models import register_notrace_module
 
-__all__ = ['ODConv2d', 'OmniAttention', 'set_temperature']
+__all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 
 # below this many output positions a dense conv's per-sample work is done by GEMMs over columns; from it on the
 # official conv over the batch is faster (CPU, batch 16, ResNet-18 layer shapes)
 BATCH_CONV_MIN_POSITIONS = 28 * 28
 
 
-@register_notrace_module  # its batch-size branch is data dependent: a leaf for torch.fx
 class AttentionBatchNorm(nn.BatchNorm2d):
     """BatchNorm over pooled (B, C, 1, 1) features that also runs in training with a batch of one.
 
@@ -107,6 +106,7 @@ class OmniAttention(nn.Module):
         return channel, filters, spatial, kernels
 
 
+@register_notrace_module  # the computation is chosen from the input's shape: a leaf for torch.fx
 class ODConv2d(nn.Module):
     """Drop-in for ``nn.Conv2d`` (no bias): (B, C_in, H, W) -> (B, C_out, H', W') with per-sample dynamic kernels."""
 
@@ -232,6 +232,13 @@ class ODConv2d(nn.Module):
         out = F.conv2d(x.reshape(1, b * c, h, w), weight, None, self.stride, self.padding, self.dilation,
                        self.groups * b)
         return out.view(b, self.out_chs, out.shape[-2], out.shape[-1])
+
+
+def odconv_temperature(epoch: float, initial: float = 30., final: float = 1., anneal_epochs: float = 10.) -> float:
+    """The official temperature schedule: linear from ``initial`` to ``final`` over the first ``anneal_epochs``,
+    then ``final``. ``epoch`` is fractional (iteration / iterations per epoch): the recipe updates every iteration."""
+    progress = min(max(epoch / anneal_epochs, 0.), 1.)
+    return initial + (final - initial) * progress
 
 
 def set_temperature(model: nn.Module, temperature: float) -> None:

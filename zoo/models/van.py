@@ -20,12 +20,12 @@ from torch import nn
 import torch.nn.functional as F
 
 from timm.layers import DropPath, LayerNorm2d, LayerScale2d, SelectAdaptivePool2d, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from zoo.layers import LargeKernelAttention, batchnorm_affine, conv_with_input_affine, conv_with_output_affine, \
     fuse_conv_bn
-from ._checkpoint import checkpoint_filter_fn
+from ._builder import build_zoo_model
 from ._manifest import manifest_cfgs
 
 __all__ = ['VAN']
@@ -362,12 +362,8 @@ default_cfgs = generate_default_cfgs({
 
 def _create_van(variant: str, pretrained: bool = False, **kwargs: Any) -> VAN:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        VAN, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_zoo_model(
+        VAN, variant, pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
 @register_model

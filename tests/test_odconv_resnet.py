@@ -1,0 +1,88 @@
+"""ODConv ResNets: the official architecture and checkpoints, through timm's public loading path."""
+import pytest
+import timm
+import torch
+
+import zoo
+from zoo.convert import CheckpointMismatchError, convert_odconv_resnet
+from zoo.layers import ODConv2d
+from conftest import assert_logits_close, load_reference
+
+OFFICIAL = {
+    'od_resnet18': ('od_resnet18(kernel_num=1)', 11.944), 'od_resnet18_4x': ('od_resnet18(kernel_num=4)', 44.902),
+    'od_resnet34': ('od_resnet34(kernel_num=1)', 22.290), 'od_resnet34_4x': ('od_resnet34(kernel_num=4)', 85.551),
+    'od_resnet50': ('od_resnet50(kernel_num=1)', 28.635), 'od_resnet50_4x': ('od_resnet50(kernel_num=4)', 90.671),
+    'od_resnet101': ('od_resnet101(kernel_num=1)', 50.819), 'od_resnet101_2x': ('od_resnet101(kernel_num=2)', 90.442),
+}
+
+
+def official_training_checkpoint(state_dict):
+    """What the official DDP training script saves."""
+    return {'epoch': 100, 'state_dict': {f'module.{k}': v for k, v in state_dict.items()}, 'acc': 72.9,
+            'best_acc': 73.05, 'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4, 'momentum': 0.9, 'params': []}]}}
+
+
+def test_od_resnet18_reproduces_the_official_logits(tmp_path):
+    ref = load_reference('od_resnet18')
+    torch.save(official_training_checkpoint(ref.state_dict), tmp_path / 'od_resnet18.pth.tar')
+    model = timm.create_model('od_resnet18', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'od_resnet18.pth.tar'))).eval()
+    with torch.no_grad():
+        assert_logits_close(model(ref.inputs[0]), ref.outputs[0])
+
+
+@pytest.mark.parametrize('model_name', OFFICIAL)
+def test_every_official_key_maps_and_parameters_match(official_keys, model_name):
+    source, params_m = OFFICIAL[model_name]
+    with torch.device('meta'):
+        model = timm.create_model(model_name)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 3) == params_m
+    state_dict = {k: torch.empty(shape, device='meta') for k, shape in official_keys[f'odconv/{source}'].items()}
+    assert set(convert_odconv_resnet(state_dict, model)) == set(model.state_dict())
+
+
+def test_wrong_kernel_num_names_both_sides():
+    ref = load_reference('od_resnet18')
+    with torch.device('meta'):
+        model = timm.create_model('od_resnet18_4x')
+    with pytest.raises(CheckpointMismatchError, match='checkpoint has kernel_num 1, widths 64..512, '
+                                                      'model has kernel_num 4, widths 64..512'):
+        convert_odconv_resnet(ref.state_dict, model)
+
+
+def test_wrong_width_names_both_sides():
+    ref = load_reference('od_resnet18')
+    with torch.device('meta'):
+        model = timm.create_model('od_resnet50')
+    with pytest.raises(CheckpointMismatchError, match='checkpoint has kernel_num 1, widths 64..512, '
+                                                      'model has kernel_num 1, widths 64..2048'):
+        convert_odconv_resnet(ref.state_dict, model)
+
+
+def test_pretrained_without_a_file_says_where_the_weights_are():
+    with pytest.raises(RuntimeError, match=r'od_resnet18\.in1k weights are not on the Hugging Face Hub; they are '
+                                           r'published at https://drive\.google\.com/.*pretrained_cfg_overlay'):
+        timm.create_model('od_resnet18', pretrained=True)
+
+
+def test_every_block_conv_is_dynamic_and_the_stem_and_shortcuts_static():
+    model = timm.create_model('od_resnet50')
+    dynamic = {name for name, m in model.named_modules() if isinstance(m, ODConv2d)}
+    static = {name for name, m in model.named_modules() if type(m) is torch.nn.Conv2d and '.attention.' not in name}
+    assert dynamic == {f'layer{i}.{j}.conv{c}' for i, n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n)
+                       for c in (1, 2, 3)}
+    assert static == {'conv1'} | {f'layer{i}.0.downsample.0' for i in range(1, 5)}
+
+
+def test_temperature_schedule_and_setter():
+    assert [zoo.odconv_temperature(e) for e in (0, 5, 10, 20)] == [30., 15.5, 1., 1.]
+    model = timm.create_model('od_resnet18_4x')
+    zoo.set_temperature(model, zoo.odconv_temperature(2.5))
+    temperatures = {m.temperature for m in model.modules() if hasattr(m, 'temperature')}
+    assert temperatures == {22.75}
+
+
+def test_training_with_a_batch_of_one():
+    model = timm.create_model('od_resnet18_4x', num_classes=3).train()
+    model(torch.randn(1, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
