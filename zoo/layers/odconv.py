@@ -9,18 +9,18 @@ one 1x1 conv head each, divided by the temperature): over input channels (sigmoi
 depthwise convs), the k x k kernel positions (sigmoid; not for 1x1 kernels) and the kernels (softmax; not for
 kernel_num 1). Parameters and their names map 1:1 onto the official ``ODConv2d``.
 
-The arithmetic is the official one, reorganised for speed: the input-channel attention scales the input and the
-output-channel attention the output (as the official code does); what remains is a convolution with per-sample
-weights, computed per case (see :meth:`ODConv2d.forward`):
+The arithmetic is the official one, reorganised for speed (:meth:`ODConv2d.forward_reference` keeps the official
+order: attentions on input and output, per-sample mixed kernels, one conv with ``groups = batch * groups``):
 
-* 1x1 kernel, kernel_num 1: the weights are static, one plain conv;
-* 1x1 kernel, several kernels: one batched matmul with the per-sample mixed weights;
-* k x k dense kernel on small feature maps, kernel_num 1: the per-sample weights differ only by the spatial attention,
-  which scales the k * k shifted copies of the input instead; one 1x1 conv with the static weights follows;
-* k x k dense kernel on small feature maps, several kernels: a batched matmul of the mixed weights with the unfolded
-  input;
-* anything else (large feature maps, grouped and depthwise convs): the official convolution over the batch, with
-  ``groups = batch * groups`` and per-sample mixed weights, which is also :meth:`ODConv2d.forward_reference`.
+* dense k x k kernels on small maps: GEMMs over im2col columns. The spatial and input-channel attentions scale the
+  columns instead of the kernel, so the static kernels serve the whole batch (with several kernels, one GEMM with all
+  of them, mixed per sample afterwards); no per-sample kernels, which dominate the cost on small maps;
+* everywhere else, per-sample kernels: for kernels smaller than the feature maps, the input- and output-channel
+  attentions are folded into them instead of scaling the maps; 1x1 kernels then run as one batched matmul, the others
+  as the official conv over the batch; a kernel that varies with nothing (1x1, kernel_num 1) stays one static conv.
+
+Which form is faster was measured on CPU at batch 16 over the ResNet-18 layer shapes (``COLUMNS_MAX_POSITIONS``,
+``STACKED_KERNELS_MAX_EXTRA_POSITIONS``); every form gives the official numbers (tests compare forward and gradients).
 
 The attention's BatchNorm runs on (B, C, 1, 1) tensors; in training with a batch of one it normalises with its running
 statistics, where the official layer raises.
@@ -34,9 +34,11 @@ from timm.models import register_notrace_module
 
 __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 
-# below this many output positions a dense conv's per-sample work is done by GEMMs over columns; from it on the
-# official conv over the batch is faster (CPU, batch 16, ResNet-18 layer shapes)
-BATCH_CONV_MIN_POSITIONS = 28 * 28
+# Where GEMMs over im2col columns overtake the official conv over the batch, measured on CPU at batch 16 over the
+# ResNet-18 layer shapes (kernel_num 1, 2, 4): up to 14 x 14 output positions with one kernel; with several, while
+# (kernel_num - 1) * positions stays below 300 (7 x 7 maps at kernel_num 4, 14 x 14 at kernel_num 2).
+COLUMNS_MAX_POSITIONS = 28 * 28
+STACKED_KERNELS_MAX_EXTRA_POSITIONS = 300
 
 
 class AttentionBatchNorm(nn.BatchNorm2d):
@@ -140,7 +142,8 @@ class ODConv2d(nn.Module):
         self.in_chs, self.out_chs, self.kernel_size = in_chs, out_chs, kernel_size
         self.stride, self.dilation, self.groups, self.kernel_num = stride, dilation, groups, kernel_num
         self.padding = dilation * (kernel_size // 2) if padding is None else padding
-        self.batch_conv_min_positions = BATCH_CONV_MIN_POSITIONS
+        self.columns_max_positions = COLUMNS_MAX_POSITIONS
+        self.stacked_kernels_max_extra_positions = STACKED_KERNELS_MAX_EXTRA_POSITIONS
         self.attention = OmniAttention(
             in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
             min_channels=min_channels)
@@ -156,82 +159,100 @@ class ODConv2d(nn.Module):
         return self._forward(x, reference=False)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The official computation (mixed kernels, one conv with ``groups = batch * groups``), for comparison."""
+        """The official computation (attentions on input and output, mixed kernels, one conv with
+        ``groups = batch * groups``), for comparison."""
         return self._forward(x, reference=True)
 
     def _forward(self, x: torch.Tensor, reference: bool) -> torch.Tensor:
         channel, filters, spatial, kernels = self.attention(x)
-        x = x * channel
-        if reference:
-            out = self._conv_over_batch(x, spatial, kernels)
-        elif self.kernel_size == 1 and kernels is None:
-            out = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
-        elif self.kernel_size == 1 and self.groups == 1:
-            out = self._pointwise_per_sample(x, kernels)
-        elif self.groups == 1 and self._positions(x) < self.batch_conv_min_positions:
-            out = self._tap_columns(x, spatial) if kernels is None else self._unfolded_per_sample(x, spatial, kernels)
+        if not reference and self.groups == 1 and self.kernel_size > 1 and self._columns_pay_off(x, kernels):
+            out = self._columns_conv(x, channel, spatial, kernels)
+            return out if filters is None else out * filters
+        fold = not reference and self._fold_attentions(x)
+        if fold:
+            weight = self.mixed_weight(spatial, kernels, channel, filters)
         else:
-            out = self._conv_over_batch(x, spatial, kernels)
-        if filters is not None:
-            out = out * filters
-        return out
+            x = x * channel
+            weight = self.mixed_weight(spatial, kernels)
+        out = self._conv(x, weight, reference)
+        return out if fold or filters is None else out * filters
 
-    def mixed_weight(self, spatial: Optional[torch.Tensor], kernels: Optional[torch.Tensor]) -> torch.Tensor:
-        """Per-sample kernels (B or 1, C_out, C_in / groups, k, k): the attention-weighted sum of the static ones,
-        scaled by the spatial attention."""
-        if kernels is None:
-            weight = self.weight
-        else:
-            weight = torch.einsum('bn,noikl->boikl', kernels, self.weight)
+    def mixed_weight(
+            self,
+            spatial: Optional[torch.Tensor],
+            kernels: Optional[torch.Tensor],
+            channel: Optional[torch.Tensor] = None,
+            filters: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Per-sample kernels (B, or 1 when nothing varies, C_out, C_in / groups, k, k): the kernel-attention
+        weighted sum of the static kernels, scaled by the spatial attention and, where given, by the input- and
+        output-channel attentions."""
+        weight = self.weight if kernels is None else torch.einsum('bn,noikl->boikl', kernels, self.weight)
         if spatial is not None:
             weight = weight * spatial.view(-1, 1, 1, self.kernel_size, self.kernel_size)
+        if filters is not None:
+            weight = weight * filters.view(-1, self.out_chs, 1, 1, 1)
+        if channel is not None:
+            b, g = channel.shape[0], self.groups
+            per_group = channel.view(b, g, 1, self.in_chs // g).expand(b, g, self.out_chs // g, self.in_chs // g)
+            weight = weight * per_group.reshape(b, self.out_chs, self.in_chs // g, 1, 1)
         return weight
 
     def _out_size(self, size: int) -> int:
         return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
 
-    def _positions(self, x: torch.Tensor) -> int:
-        return self._out_size(x.shape[-2]) * self._out_size(x.shape[-1])
+    def _columns_pay_off(self, x: torch.Tensor, kernels: Optional[torch.Tensor]) -> bool:
+        """Whether GEMMs over im2col columns beat the conv over the batch: on small maps, where per-sample kernels
+        cost more than k * k copies of the input (and, with several kernels, kernel_num times the FLOPs)."""
+        positions = self._out_size(x.shape[-2]) * self._out_size(x.shape[-1])
+        if kernels is not None:
+            return (self.kernel_num - 1) * positions < self.stacked_kernels_max_extra_positions
+        return positions < self.columns_max_positions
 
-    def _pointwise_per_sample(self, x: torch.Tensor, kernels: Optional[torch.Tensor]) -> torch.Tensor:
-        assert kernels is not None
-        if self.stride > 1:
+    def _fold_attentions(self, x: torch.Tensor) -> bool:
+        """Whether to scale the per-sample kernels by the channel attentions rather than the input and output:
+        when a kernel is smaller than the two feature maps."""
+        out_positions = self._out_size(x.shape[-2]) * self._out_size(x.shape[-1])
+        return self.weight[0].numel() < x[0].numel() + self.out_chs * out_positions
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, reference: bool) -> torch.Tensor:
+        """x (B, C_in, H, W) convolved with static (1, ...) or per-sample (B, ...) kernels."""
+        b, c, h, w = x.shape
+        if weight.shape[0] == 1:
+            return F.conv2d(x, weight[0], None, self.stride, self.padding, self.dilation, self.groups)
+        if not reference and self.kernel_size == 1 and self.groups == 1 and self.padding == 0:
             x = x[:, :, ::self.stride, ::self.stride]
-        b, c, h, w = x.shape
-        weight = self.mixed_weight(None, kernels).view(b, self.out_chs, c)
-        return torch.bmm(weight, x.reshape(b, c, h * w)).view(b, self.out_chs, h, w)
-
-    def _tap_columns(self, x: torch.Tensor, spatial: Optional[torch.Tensor]) -> torch.Tensor:
-        """kernel_num 1: the spatial attention scales each tap's shifted input, then one 1x1 conv with the static
-        kernel applies all taps at once (im2col by slicing, in the input's memory format)."""
-        assert spatial is not None
-        b, _, h, w = x.shape
-        k, d, s = self.kernel_size, self.dilation, self.stride
-        ho, wo = self._out_size(h), self._out_size(w)
-        padded = F.pad(x, (self.padding, self.padding, self.padding, self.padding))
-        taps = []
-        for i in range(k):
-            for j in range(k):
-                tap = padded[:, :, i * d:i * d + s * (ho - 1) + 1:s, j * d:j * d + s * (wo - 1) + 1:s]
-                taps.append(tap * spatial[:, i * k + j].view(b, 1, 1, 1))
-        weight = self.weight[0].permute(0, 2, 3, 1).reshape(self.out_chs, -1, 1, 1)  # tap-major, as the columns
-        return F.conv2d(torch.cat(taps, dim=1), weight)
-
-    def _unfolded_per_sample(self, x: torch.Tensor, spatial: Optional[torch.Tensor],
-                             kernels: Optional[torch.Tensor]) -> torch.Tensor:
-        b, c, h, w = x.shape
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, C * k * k, L)
-        weight = self.mixed_weight(spatial, kernels).reshape(b, self.out_chs, -1)
-        return torch.bmm(weight, cols).view(b, self.out_chs, self._out_size(h), self._out_size(w))
-
-    def _conv_over_batch(self, x: torch.Tensor, spatial: Optional[torch.Tensor],
-                         kernels: Optional[torch.Tensor]) -> torch.Tensor:
-        b, c, h, w = x.shape
-        weight = self.mixed_weight(spatial, kernels).expand(b, -1, -1, -1, -1)
+            out = torch.bmm(weight.view(b, self.out_chs, c), x.reshape(b, c, -1))
+            return out.view(b, self.out_chs, x.shape[-2], x.shape[-1])
         weight = weight.reshape(b * self.out_chs, c // self.groups, self.kernel_size, self.kernel_size)
         out = F.conv2d(x.reshape(1, b * c, h, w), weight, None, self.stride, self.padding, self.dilation,
                        self.groups * b)
         return out.view(b, self.out_chs, out.shape[-2], out.shape[-1])
+
+    def _columns_conv(self, x: torch.Tensor, channel: torch.Tensor, spatial: Optional[torch.Tensor],
+                      kernels: Optional[torch.Tensor]) -> torch.Tensor:
+        """A dense k x k ODConv as GEMMs over im2col columns, built by slicing in channels-last order.
+
+        The spatial and input-channel attentions scale the columns instead of the kernel, so the static kernels serve
+        the whole batch: one GEMM for kernel_num 1; with several kernels one GEMM with all of them, whose kernel_num
+        outputs each sample mixes with its kernel attention (kernel_num times the FLOPs, no per-sample kernels).
+        """
+        b, c, h, w = x.shape
+        k, d, s = self.kernel_size, self.dilation, self.stride
+        ho, wo = self._out_size(h), self._out_size(w)
+        padded = F.pad(x, (self.padding, self.padding, self.padding, self.padding)).permute(0, 2, 3, 1)
+        channel = channel.view(b, 1, 1, c)
+        taps = []
+        for i in range(k):
+            for j in range(k):
+                scale = channel if spatial is None else channel * spatial[:, i * k + j].view(b, 1, 1, 1)
+                taps.append(padded[:, i * d:i * d + s * (ho - 1) + 1:s, j * d:j * d + s * (wo - 1) + 1:s, :] * scale)
+        columns = torch.stack(taps, dim=3).view(b * ho * wo, k * k * c)  # tap-major, channel-minor
+        weight = self.weight.permute(0, 1, 3, 4, 2).reshape(self.kernel_num * self.out_chs, k * k * c)
+        rows = F.linear(columns, weight)
+        if kernels is not None:
+            rows = (rows.view(b, ho * wo, self.kernel_num, self.out_chs) * kernels.view(b, 1, -1, 1)).sum(dim=2)
+        return rows.view(b, ho, wo, self.out_chs).permute(0, 3, 1, 2)  # channels_last memory, no copy
 
 
 def odconv_temperature(epoch: float, initial: float = 30., final: float = 1., anneal_epochs: float = 10.) -> float:
