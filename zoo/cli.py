@@ -16,12 +16,12 @@ def _list(args: argparse.Namespace) -> int:
     if not summaries:
         print(f'zoo: no model matches {args.pattern!r}; `zoo list` shows them all', file=sys.stderr)
         return 1
-    print(f"{'model':<22}{'family':<15}{'params (M)':>11}  pretrained weights")
+    print(f"{'model':<22}{'family':<20}{'params (M)':>11}  pretrained weights")
     for s in summaries:
         sources = [f'{tag} <- {where}' for tag, where in s.pretrained] or ['none (architecture only)']
-        print(f'{s.name:<22}{s.family:<15}{s.params_m:>11.3f}  {sources[0]}')
+        print(f'{s.name:<22}{s.family:<20}{s.params_m:>11.3f}  {sources[0]}')
         for source in sources[1:]:
-            print(f"{'':<50}{source}")
+            print(f"{'':<55}{source}")
     return 0
 
 

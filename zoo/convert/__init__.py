@@ -6,4 +6,4 @@ Importing it registers the converters with ``zoo.models``, so that
 from .reader import CheckpointError, read_checkpoint
 from .state_dict import CheckpointMismatchError, SourceLayout, check_state_dict, detect_layout, unwrap_state_dict
 from .van import VAN_LAYOUTS, convert_van
-from .odconv import ODCONV_RESNET_LAYOUTS, convert_odconv_resnet
+from .odconv import ODCONV_MOBILENETV2_LAYOUTS, ODCONV_RESNET_LAYOUTS, convert_odconv_mobilenetv2, convert_odconv_resnet

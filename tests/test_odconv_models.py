@@ -1,10 +1,10 @@
-"""ODConv ResNets: the official architecture and checkpoints, through timm's public loading path."""
+"""ODConv ResNets and MobileNetV2s: the official architectures and checkpoints, through timm's public loading path."""
 import pytest
 import timm
 import torch
 
 import zoo
-from zoo.convert import CheckpointMismatchError, convert_odconv_resnet
+from zoo.convert import CheckpointMismatchError, convert_odconv_mobilenetv2, convert_odconv_resnet
 from zoo.layers import ODConv2d
 from conftest import assert_logits_close, load_reference
 
@@ -13,6 +13,12 @@ OFFICIAL = {
     'od_resnet34': ('od_resnet34(kernel_num=1)', 22.290), 'od_resnet34_4x': ('od_resnet34(kernel_num=4)', 85.551),
     'od_resnet50': ('od_resnet50(kernel_num=1)', 28.635), 'od_resnet50_4x': ('od_resnet50(kernel_num=4)', 90.671),
     'od_resnet101': ('od_resnet101(kernel_num=1)', 50.819), 'od_resnet101_2x': ('od_resnet101(kernel_num=2)', 90.442),
+    'od_mobilenetv2_050': ('od_mobilenetv2_050(kernel_num=1)', 2.426),
+    'od_mobilenetv2_050_4x': ('od_mobilenetv2_050(kernel_num=4)', 4.436),
+    'od_mobilenetv2_075': ('od_mobilenetv2_075(kernel_num=1)', 3.507),
+    'od_mobilenetv2_075_4x': ('od_mobilenetv2_075(kernel_num=4)', 7.496),
+    'od_mobilenetv2_100': ('od_mobilenetv2_100(kernel_num=1)', 4.940),
+    'od_mobilenetv2_100_4x': ('od_mobilenetv2_100(kernel_num=4)', 11.512),
 }
 
 
@@ -22,11 +28,12 @@ def official_training_checkpoint(state_dict):
             'best_acc': 73.05, 'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4, 'momentum': 0.9, 'params': []}]}}
 
 
-def test_od_resnet18_reproduces_the_official_logits(tmp_path):
-    ref = load_reference('od_resnet18')
-    torch.save(official_training_checkpoint(ref.state_dict), tmp_path / 'od_resnet18.pth.tar')
-    model = timm.create_model('od_resnet18', pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'od_resnet18.pth.tar'))).eval()
+@pytest.mark.parametrize('model_name', ['od_resnet18', 'od_mobilenetv2_050_4x'])
+def test_reproduces_the_official_logits(tmp_path, model_name):
+    ref = load_reference(model_name)
+    torch.save(official_training_checkpoint(ref.state_dict), tmp_path / 'checkpoint.pth.tar')
+    model = timm.create_model(model_name, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'checkpoint.pth.tar'))).eval()
     with torch.no_grad():
         assert_logits_close(model(ref.inputs[0]), ref.outputs[0])
 
@@ -38,7 +45,8 @@ def test_every_official_key_maps_and_parameters_match(official_keys, model_name)
         model = timm.create_model(model_name)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 3) == params_m
     state_dict = {k: torch.empty(shape, device='meta') for k, shape in official_keys[f'odconv/{source}'].items()}
-    assert set(convert_odconv_resnet(state_dict, model)) == set(model.state_dict())
+    convert = convert_odconv_mobilenetv2 if 'mobilenet' in model_name else convert_odconv_resnet
+    assert set(convert(state_dict, model)) == set(model.state_dict())
 
 
 def test_wrong_kernel_num_names_both_sides():
@@ -72,6 +80,13 @@ def test_every_block_conv_is_dynamic_and_the_stem_and_shortcuts_static():
     assert dynamic == {f'layer{i}.{j}.conv{c}' for i, n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n)
                        for c in (1, 2, 3)}
     assert static == {'conv1'} | {f'layer{i}.0.downsample.0' for i in range(1, 5)}
+
+
+def test_mobilenetv2_convs_are_dynamic_but_the_stem():
+    model = timm.create_model('od_mobilenetv2_100')
+    static = [name for name, m in model.named_modules() if type(m) is torch.nn.Conv2d and '.attention.' not in name]
+    assert static == ['features.0.0']
+    assert sum(isinstance(m, ODConv2d) for m in model.modules()) == 1 + 2 + 16 * 3  # first block has no expansion
 
 
 def test_temperature_schedule_and_setter():
