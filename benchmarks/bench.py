@@ -13,6 +13,8 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,21 +76,57 @@ def _can_fuse(model: torch.nn.Module) -> bool:
     return any(hasattr(m, 'reparameterize') or hasattr(m, 'fuse') for m in model.modules())
 
 
-def measure(name: str, args: argparse.Namespace) -> Iterator[Measurement]:
-    """Every requested configuration of one model, in a fixed order."""
+def _steps(name: str, memory_format: torch.memory_format, x: torch.Tensor,
+           modes: List[str]) -> Dict[str, Callable[[], None]]:
+    """The timed steps of one model: inference of the training form (and of the fused form) and a training step."""
+    steps = {}
+    if 'infer' in modes:
+        model = timm.create_model(name).to(memory_format=memory_format).eval()
+        steps['eval'] = _inference_step(model, x)
+        if _can_fuse(model):
+            steps['reparam'] = _inference_step(reparameterize_model(model), x)
+    if 'train' in modes:
+        steps['train'] = _training_step(timm.create_model(name).to(memory_format=memory_format).train(), x)
+    return steps
+
+
+def measure(names: List[str], args: argparse.Namespace) -> Iterator[Measurement]:
+    """Every model in every requested configuration; per configuration all models and forms take turns."""
     for format_name in args.memory_formats:
         memory_format = MEMORY_FORMATS[format_name]
-        model = timm.create_model(name).to(memory_format=memory_format).eval()
-        forms = {'eval': model}
-        if _can_fuse(model):
-            forms['reparam'] = reparameterize_model(model)
         for batch_size in args.batch_sizes:
             x = torch.randn(batch_size, 3, args.img_size, args.img_size).to(memory_format=memory_format)
-            steps = {form: _inference_step(m, x) for form, m in forms.items()} if 'infer' in args.modes else {}
-            if 'train' in args.modes:
-                steps['train'] = _training_step(timm.create_model(name).to(memory_format=memory_format).train(), x)
-            for form, seconds in interleaved_median_seconds(steps, args.warmup, args.repeats).items():
+            steps = {(name, form): step for name in names
+                     for form, step in _steps(name, memory_format, x, args.modes).items()}
+            for (name, form), seconds in interleaved_median_seconds(steps, args.warmup, args.repeats).items():
                 yield Measurement(name, form, format_name, batch_size, batch_size / seconds, seconds * 1e3)
+
+
+_PEAK_MEMORY_PROBE = """
+import re, sys, torch, timm, zoo
+name, batch_size, img_size, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+model = timm.create_model(name).train()
+x = torch.randn(batch_size, 3, img_size, img_size)
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+status = lambda key: int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read())[1])
+open('/proc/self/clear_refs', 'w').write('5')  # peak resident memory := current, so imports do not count
+before = status('VmRSS')
+for _ in range(2):
+    optimizer.zero_grad()
+    model(x).logsumexp(dim=1).mean().backward()
+    optimizer.step()
+print((status('VmHWM') - before) / 1024)
+"""
+
+
+def peak_training_memory_mb(name: str, batch_size: int, img_size: int) -> float:
+    """Peak resident memory (MiB) of two training steps of ``name`` above the memory held before them, measured in a
+    fresh process (Linux: the peak is reset through /proc/self/clear_refs)."""
+    result = subprocess.run(
+        [sys.executable, '-c', _PEAK_MEMORY_PROBE, name, str(batch_size), str(img_size), str(torch.get_num_threads())],
+        capture_output=True, text=True, check=True)
+    return float(result.stdout.strip())
 
 
 def describe_machine(threads: int) -> str:
@@ -102,7 +140,7 @@ def describe_machine(threads: int) -> str:
             f'timm {timm.__version__}')
 
 
-def render(measurements: List[Measurement], args: argparse.Namespace) -> str:
+def render(measurements: List[Measurement], peaks: Dict[str, float], args: argparse.Namespace) -> str:
     lines = [
         f'## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC — {", ".join(args.models)} '
         f'vs {", ".join(args.baselines)}',
@@ -116,6 +154,10 @@ def render(measurements: List[Measurement], args: argparse.Namespace) -> str:
     ]
     lines += [f'| {m.model} | {m.form} | {m.memory_format} | {m.batch_size} | {m.images_per_s:.1f} | '
               f'{m.ms_per_batch:.1f} |' for m in measurements]
+    if peaks:
+        lines += ['', f'Peak resident memory added by a training step at batch {max(args.batch_sizes)} (fresh process, '
+                      'NCHW):', '', '| model | MiB |', '|---|---:|']
+        lines += [f'| {name} | {mib:.0f} |' for name, mib in peaks.items()]
     return '\n'.join(lines) + '\n\n'
 
 
@@ -130,6 +172,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=os.cpu_count())
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--repeats', type=int, default=15)
+    parser.add_argument('--peak-memory', action='store_true', help='also measure the peak memory of a training step')
     parser.add_argument('--out', type=Path, default=RESULTS, help='markdown file the results are appended to')
     return parser.parse_args()
 
@@ -139,13 +182,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     measurements = []
-    for name in [*args.models, *args.baselines]:
-        for m in measure(name, args):
-            print(f'{m.model:<18}{m.form:<9}{m.memory_format:<15}b{m.batch_size:<4}{m.images_per_s:9.1f} img/s',
-                  flush=True)
-            measurements.append(m)
+    for m in measure([*args.models, *args.baselines], args):
+        print(f'{m.model:<22}{m.form:<9}{m.memory_format:<15}b{m.batch_size:<4}{m.images_per_s:9.1f} img/s',
+              flush=True)
+        measurements.append(m)
+    peaks = {}
+    if args.peak_memory:
+        for name in [*args.models, *args.baselines]:
+            peaks[name] = peak_training_memory_mb(name, max(args.batch_sizes), args.img_size)
+            print(f'{name:<22}training step peak memory {peaks[name]:.0f} MiB', flush=True)
     with open(args.out, 'a', encoding='utf-8') as f:
-        f.write(render(measurements, args))
+        f.write(render(measurements, peaks, args))
 
 
 if __name__ == '__main__':
