@@ -17,7 +17,8 @@ order: attentions on input and output, per-sample mixed kernels, one conv with `
   of them, mixed per sample afterwards); no per-sample kernels, which dominate the cost on small maps;
 * everywhere else, per-sample kernels: for kernels smaller than the feature maps, the input- and output-channel
   attentions are folded into them instead of scaling the maps; 1x1 kernels then run as one batched matmul, the others
-  as the official conv over the batch; a kernel that varies with nothing (1x1, kernel_num 1) stays one static conv.
+  as the official conv over the batch on large maps and as one conv per sample on small ones; a kernel that varies
+  with nothing (1x1, kernel_num 1) stays one static conv.
 
 Which form is faster was measured on CPU at batch 16 over the ResNet-18 layer shapes (``COLUMNS_MAX_POSITIONS``,
 ``STACKED_KERNELS_MAX_EXTRA_POSITIONS``); every form gives the official numbers (tests compare forward and gradients).
@@ -224,6 +225,10 @@ class ODConv2d(nn.Module):
             x = x[:, :, ::self.stride, ::self.stride]
             out = torch.bmm(weight.view(b, self.out_chs, c), x.reshape(b, c, -1))
             return out.view(b, self.out_chs, x.shape[-2], x.shape[-1])
+        if not reference and self._out_size(h) * self._out_size(w) < self.columns_max_positions:
+            # small maps: one conv per sample beats the conv over the batch, whose cost grows with the kernels
+            return torch.cat([F.conv2d(x[i:i + 1], weight[i], None, self.stride, self.padding, self.dilation,
+                                       self.groups) for i in range(b)])
         weight = weight.reshape(b * self.out_chs, c // self.groups, self.kernel_size, self.kernel_size)
         out = F.conv2d(x.reshape(1, b * c, h, w), weight, None, self.stride, self.padding, self.dilation,
                        self.groups * b)
