@@ -17,8 +17,9 @@ order: attentions on input and output, per-sample mixed kernels, one conv with `
   of them, mixed per sample afterwards); no per-sample kernels, which dominate the cost on small maps;
 * everywhere else, per-sample kernels: for kernels smaller than the feature maps, the input- and output-channel
   attentions are folded into them instead of scaling the maps; 1x1 kernels then run as one batched matmul, the others
-  as the official conv over the batch on large maps and as one conv per sample on small ones; a kernel that varies
-  with nothing (1x1, kernel_num 1) stays one static conv.
+  as the official conv over the batch (large maps, grouped and depthwise kernels) or one conv per sample (dense
+  kernels on small maps); a kernel that varies with nothing (1x1, kernel_num 1) stays one static conv, and a batch of
+  one runs a plain conv with its mixed kernel.
 
 Which form is faster was measured on CPU at batch 16 over the ResNet-18 layer shapes (``COLUMNS_MAX_POSITIONS``,
 ``STACKED_KERNELS_MAX_EXTRA_POSITIONS``); every form gives the official numbers (tests compare forward and gradients).
@@ -166,6 +167,9 @@ class ODConv2d(nn.Module):
 
     def _forward(self, x: torch.Tensor, reference: bool) -> torch.Tensor:
         channel, filters, spatial, kernels = self.attention(x)
+        if not reference and x.shape[0] == 1:  # a batch of one: its mixed kernel is just a kernel
+            weight = self.mixed_weight(spatial, kernels, channel, filters)[0]
+            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
         if not reference and self.groups == 1 and self.kernel_size > 1 and self._columns_pay_off(x, kernels):
             out = self._columns_conv(x, channel, spatial, kernels)
             return out if filters is None else out * filters
@@ -225,8 +229,8 @@ class ODConv2d(nn.Module):
             x = x[:, :, ::self.stride, ::self.stride]
             out = torch.bmm(weight.view(b, self.out_chs, c), x.reshape(b, c, -1))
             return out.view(b, self.out_chs, x.shape[-2], x.shape[-1])
-        if not reference and self._out_size(h) * self._out_size(w) < self.columns_max_positions:
-            # small maps: one conv per sample beats the conv over the batch, whose cost grows with the kernels
+        if not reference and self.groups == 1 and self._out_size(h) * self._out_size(w) < self.columns_max_positions:
+            # dense kernels on small maps: one conv per sample beats the conv over the batch
             return torch.cat([F.conv2d(x[i:i + 1], weight[i], None, self.stride, self.padding, self.dilation,
                                        self.groups) for i in range(b)])
         weight = weight.reshape(b * self.out_chs, c // self.groups, self.kernel_size, self.kernel_size)
