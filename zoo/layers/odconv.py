@@ -14,12 +14,12 @@ order: attentions on input and output, per-sample mixed kernels, one conv with `
 
 * dense k x k kernels on small maps: GEMMs over im2col columns. The spatial and input-channel attentions scale the
   columns instead of the kernel, so the static kernels serve the whole batch (with several kernels, one GEMM with all
-  of them, mixed per sample afterwards); no per-sample kernels, which dominate the cost on small maps;
+  of them, mixed per sample afterwards); no per-sample kernels, which dominate the cost on small maps. Where the
+  kernel_num-fold FLOPs of that outweigh it, one conv per sample, its kernel mixed just before (still in cache);
 * everywhere else, per-sample kernels: for kernels smaller than the feature maps, the input- and output-channel
   attentions are folded into them instead of scaling the maps; 1x1 kernels then run as one batched matmul, the others
-  as the official conv over the batch (large maps, grouped and depthwise kernels) or one conv per sample (dense
-  kernels on small maps); a kernel that varies with nothing (1x1, kernel_num 1) stays one static conv, and a batch of
-  one runs a plain conv with its mixed kernel.
+  as the official conv over the batch; a kernel that varies with nothing (1x1, kernel_num 1) stays one static conv,
+  and a batch of one runs a plain conv with its mixed kernel.
 
 Which form is faster was measured on CPU at batch 16 over the ResNet-18 layer shapes (``COLUMNS_MAX_POSITIONS``,
 ``STACKED_KERNELS_MAX_EXTRA_POSITIONS``); every form gives the official numbers (tests compare forward and gradients).
@@ -36,11 +36,11 @@ from timm.models import register_notrace_module
 
 __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 
-# Where GEMMs over im2col columns overtake the official conv over the batch, measured on CPU at batch 16 over the
-# ResNet-18 layer shapes (kernel_num 1, 2, 4): up to 14 x 14 output positions with one kernel; with several, while
-# (kernel_num - 1) * positions stays below 300 (7 x 7 maps at kernel_num 4, 14 x 14 at kernel_num 2).
+# Measured on CPU at batch 16 over the ResNet-18 layer shapes with kernel_num 1, 2 and 4: below 28 x 28 output
+# positions per-sample kernels cost more than im2col columns; on such maps one GEMM with all kernels beats one conv
+# per sample while (kernel_num - 1) * positions stays below 100 (7 x 7 maps at kernel_num 2).
 COLUMNS_MAX_POSITIONS = 28 * 28
-STACKED_KERNELS_MAX_EXTRA_POSITIONS = 300
+STACKED_KERNELS_MAX_EXTRA_POSITIONS = 100
 
 
 class AttentionBatchNorm(nn.BatchNorm2d):
@@ -170,8 +170,11 @@ class ODConv2d(nn.Module):
         if not reference and x.shape[0] == 1:  # a batch of one: its mixed kernel is just a kernel
             weight = self.mixed_weight(spatial, kernels, channel, filters)[0]
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
-        if not reference and self.groups == 1 and self.kernel_size > 1 and self._columns_pay_off(x, kernels):
-            out = self._columns_conv(x, channel, spatial, kernels)
+        if not reference and self.groups == 1 and self.kernel_size > 1 and self._is_small_map(x):
+            if self._columns_pay_off(x, kernels):
+                out = self._columns_conv(x, channel, spatial, kernels)
+            else:
+                out = self._convs_per_sample(x * channel, spatial, kernels)
             return out if filters is None else out * filters
         fold = not reference and self._fold_attentions(x)
         if fold:
@@ -206,19 +209,35 @@ class ODConv2d(nn.Module):
     def _out_size(self, size: int) -> int:
         return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
 
+    def _positions(self, x: torch.Tensor) -> int:
+        return self._out_size(x.shape[-2]) * self._out_size(x.shape[-1])
+
+    def _is_small_map(self, x: torch.Tensor) -> bool:
+        """Small maps: per-sample kernels cost more than k * k copies of the input."""
+        return self._positions(x) < self.columns_max_positions
+
     def _columns_pay_off(self, x: torch.Tensor, kernels: Optional[torch.Tensor]) -> bool:
-        """Whether GEMMs over im2col columns beat the conv over the batch: on small maps, where per-sample kernels
-        cost more than k * k copies of the input (and, with several kernels, kernel_num times the FLOPs)."""
-        positions = self._out_size(x.shape[-2]) * self._out_size(x.shape[-1])
-        if kernels is not None:
-            return (self.kernel_num - 1) * positions < self.stacked_kernels_max_extra_positions
-        return positions < self.columns_max_positions
+        """On a small map, whether GEMMs over im2col columns beat one conv per sample: always with one kernel; with
+        several, while kernel_num times the FLOPs stay cheaper than mixing a kernel per sample."""
+        if kernels is None:
+            return True
+        return (self.kernel_num - 1) * self._positions(x) < self.stacked_kernels_max_extra_positions
 
     def _fold_attentions(self, x: torch.Tensor) -> bool:
         """Whether to scale the per-sample kernels by the channel attentions rather than the input and output:
         when a kernel is smaller than the two feature maps."""
-        out_positions = self._out_size(x.shape[-2]) * self._out_size(x.shape[-1])
-        return self.weight[0].numel() < x[0].numel() + self.out_chs * out_positions
+        return self.weight[0].numel() < x[0].numel() + self.out_chs * self._positions(x)
+
+    def _convs_per_sample(self, x: torch.Tensor, spatial: Optional[torch.Tensor],
+                          kernels: Optional[torch.Tensor]) -> torch.Tensor:
+        """One conv per sample, each kernel mixed just before its conv, while it is still in cache."""
+        outs = []
+        for i in range(x.shape[0]):
+            sample_spatial: Optional[torch.Tensor] = None if spatial is None else spatial[i:i + 1]
+            sample_kernels: Optional[torch.Tensor] = None if kernels is None else kernels[i:i + 1]
+            weight = self.mixed_weight(sample_spatial, sample_kernels)[0]
+            outs.append(F.conv2d(x[i:i + 1], weight, None, self.stride, self.padding, self.dilation, self.groups))
+        return torch.cat(outs)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, reference: bool) -> torch.Tensor:
         """x (B, C_in, H, W) convolved with static (1, ...) or per-sample (B, ...) kernels."""
@@ -229,10 +248,6 @@ class ODConv2d(nn.Module):
             x = x[:, :, ::self.stride, ::self.stride]
             out = torch.bmm(weight.view(b, self.out_chs, c), x.reshape(b, c, -1))
             return out.view(b, self.out_chs, x.shape[-2], x.shape[-1])
-        if not reference and self.groups == 1 and self._out_size(h) * self._out_size(w) < self.columns_max_positions:
-            # dense kernels on small maps: one conv per sample beats the conv over the batch
-            return torch.cat([F.conv2d(x[i:i + 1], weight[i], None, self.stride, self.padding, self.dilation,
-                                       self.groups) for i in range(b)])
         weight = weight.reshape(b * self.out_chs, c // self.groups, self.kernel_size, self.kernel_size)
         out = F.conv2d(x.reshape(1, b * c, h, w), weight, None, self.stride, self.padding, self.dilation,
                        self.groups * b)
