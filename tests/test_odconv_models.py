@@ -49,21 +49,16 @@ def test_every_official_key_maps_and_parameters_match(official_keys, model_name)
     assert set(convert(state_dict, model)) == set(model.state_dict())
 
 
-def test_wrong_kernel_num_names_both_sides():
+@pytest.mark.parametrize('model_name,model_side', [
+    ('od_resnet18_4x', 'kernel_num 4, widths 64..512'),  # wrong kernel_num
+    ('od_resnet50', 'kernel_num 1, widths 64..2048'),  # wrong width
+])
+def test_checkpoint_of_another_configuration_names_both_sides(model_name, model_side):
     ref = load_reference('od_resnet18')
     with torch.device('meta'):
-        model = timm.create_model('od_resnet18_4x')
-    with pytest.raises(CheckpointMismatchError, match='checkpoint has kernel_num 1, widths 64..512, '
-                                                      'model has kernel_num 4, widths 64..512'):
-        convert_odconv_resnet(ref.state_dict, model)
-
-
-def test_wrong_width_names_both_sides():
-    ref = load_reference('od_resnet18')
-    with torch.device('meta'):
-        model = timm.create_model('od_resnet50')
-    with pytest.raises(CheckpointMismatchError, match='checkpoint has kernel_num 1, widths 64..512, '
-                                                      'model has kernel_num 1, widths 64..2048'):
+        model = timm.create_model(model_name)
+    with pytest.raises(CheckpointMismatchError, match=f'checkpoint has kernel_num 1, widths 64..512, '
+                                                      f'model has {model_side}'):
         convert_odconv_resnet(ref.state_dict, model)
 
 
