@@ -57,7 +57,7 @@ def test_checkpoint_of_another_configuration_names_both_sides(model_name, model_
     ref = load_reference('od_resnet18')
     with torch.device('meta'):
         model = timm.create_model(model_name)
-    with pytest.raises(CheckpointMismatchError, match=f'checkpoint has kernel_num 1, widths 64..512, '
+    with pytest.raises(CheckpointMismatchError, match='checkpoint has kernel_num 1, widths 64..512, '
                                                       f'model has {model_side}'):
         convert_odconv_resnet(ref.state_dict, model)
 
