@@ -2,7 +2,8 @@
 
 For every model and baseline: images/s of inference (eval mode, no grad) and of a training step (forward, backward,
 SGD step) at each batch size, in NCHW and channels_last, for the training form and, where the model can fuse, its
-``timm.utils.reparameterize_model`` form. Each figure is the median of ``--repeats`` timed runs after ``--warmup``
+``timm.utils.reparameterize_model`` form; with ``--modes onnx`` also of the (fused) model exported to ONNX and run by
+onnxruntime on the CPU with the same number of threads, after checking its outputs against PyTorch's. Each figure is the median of ``--repeats`` timed runs after ``--warmup``
 untimed ones, with torch's intra-op threads pinned; the forms of one configuration take turns run by run. Results
 are appended to benchmarks/RESULTS.md with a description of the machine.
 
@@ -15,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channe
 @dataclass
 class Measurement:
     model: str
-    form: str  # 'eval' (training form in eval mode), 'reparam' or 'train'
+    form: str  # 'eval' (training form in eval mode), 'reparam', 'onnx' or 'train'
     memory_format: str
     batch_size: int
     images_per_s: float
@@ -72,19 +74,41 @@ def _training_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None
     return step
 
 
+def _onnx_step(model: torch.nn.Module, x: torch.Tensor, threads: int) -> Callable[[], None]:
+    """onnxruntime inference of ``model`` exported at ``x``'s shape; fails unless it matches PyTorch to 1e-4."""
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / 'model.onnx')
+        torch.onnx.export(model, (x.contiguous(),), path, dynamo=True, verbose=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    feed = {session.get_inputs()[0].name: x.contiguous().numpy()}
+    with torch.inference_mode():
+        diff = (torch.from_numpy(session.run(None, feed)[0]) - model(x)).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f'onnxruntime output differs from PyTorch by {diff:.3g} (max abs)')
+    return lambda: session.run(None, feed)
+
+
 def _can_fuse(model: torch.nn.Module) -> bool:
     return any(hasattr(m, 'reparameterize') or hasattr(m, 'fuse') for m in model.modules())
 
 
 def _steps(name: str, memory_format: torch.memory_format, x: torch.Tensor,
            modes: List[str]) -> Dict[str, Callable[[], None]]:
-    """The timed steps of one model: inference of the training form (and of the fused form) and a training step."""
+    """The timed steps of one model: inference of the training form (and of the fused form, and of its ONNX
+    export), and a training step."""
     steps = {}
-    if 'infer' in modes:
+    if 'infer' in modes or 'onnx' in modes:
         model = timm.create_model(name).to(memory_format=memory_format).eval()
-        steps['eval'] = _inference_step(model, x)
-        if _can_fuse(model):
-            steps['reparam'] = _inference_step(reparameterize_model(model), x)
+        deployed = reparameterize_model(model) if _can_fuse(model) else model
+        if 'infer' in modes:
+            steps['eval'] = _inference_step(model, x)
+            if deployed is not model:
+                steps['reparam'] = _inference_step(deployed, x)
+        if 'onnx' in modes and memory_format == torch.contiguous_format:
+            steps['onnx'] = _onnx_step(deployed, x, torch.get_num_threads())
     if 'train' in modes:
         steps['train'] = _training_step(timm.create_model(name).to(memory_format=memory_format).train(), x)
     return steps
@@ -147,7 +171,9 @@ def render(measurements: List[Measurement], peaks: Dict[str, float], args: argpa
         '',
         f'Machine: {describe_machine(args.threads)}. Input {args.img_size}x{args.img_size}; median of '
         f'{args.repeats} runs after {args.warmup} warm-up runs. `eval`: training form in eval mode; `reparam`: after '
-        f'`timm.utils.reparameterize_model`; `train`: forward + backward + SGD step.',
+        f'`timm.utils.reparameterize_model`; `onnx`: the fused model exported with `torch.onnx.export(dynamo=True)`, run by '
+        f'onnxruntime (CPU provider, same threads; outputs checked against PyTorch to 1e-4); `train`: forward + '
+        f'backward + SGD step.',
         '',
         '| model | form | memory format | batch | img/s | ms / batch |',
         '|---|---|---|---:|---:|---:|',
@@ -167,7 +193,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--baselines', nargs='*', default=['resnet18', 'mobilenetv2_100'])
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 16])
     parser.add_argument('--memory-formats', nargs='+', choices=list(MEMORY_FORMATS), default=list(MEMORY_FORMATS))
-    parser.add_argument('--modes', nargs='+', choices=['infer', 'train'], default=['infer', 'train'])
+    parser.add_argument('--modes', nargs='+', choices=['infer', 'train', 'onnx'], default=['infer', 'train'])
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--threads', type=int, default=os.cpu_count())
     parser.add_argument('--warmup', type=int, default=3)

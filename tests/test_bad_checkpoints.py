@@ -72,9 +72,11 @@ class TestReader:
 
 
 class TestPublicLoadingPath:
+    """``pretrained_cfg_overlay=dict(file=...)`` files are read by zoo's reader, with its messages."""
+
     def test_refuses_a_pickle_that_would_run_code(self, malicious_checkpoint):
         path, marker = malicious_checkpoint
-        with pytest.raises(Exception, match='weights_only'):
+        with pytest.raises(CheckpointError, match=r'van_tiny_754\.pth\.tar: refused to unpickle: it needs \w+\.open'):
             _load(path)
         assert not marker.exists()
 
@@ -82,8 +84,12 @@ class TestPublicLoadingPath:
         torch.save(training_checkpoint(van_b0_state_dict), tmp_path / 'full.pth.tar')
         data = (tmp_path / 'full.pth.tar').read_bytes()
         (tmp_path / 'cut.pth.tar').write_bytes(data[:len(data) // 3])
-        with pytest.raises(RuntimeError, match='zip archive'):
+        with pytest.raises(CheckpointError, match=r'cut\.pth\.tar: not a readable .* \(truncated or damaged\?\)'):
             _load(tmp_path / 'cut.pth.tar')
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(CheckpointError, match=r'absent\.pth: no such checkpoint file'):
+            _load(tmp_path / 'absent.pth')
 
     def test_checkpoint_of_another_architecture(self, tmp_path):
         torch.save(timm.create_model('resnet18').state_dict(), tmp_path / 'resnet18.pth')

@@ -6,7 +6,7 @@ import timm.optim
 from timm.utils import reparameterize_model
 from torch import nn
 
-from zoo.layers import LargeKernelAttention, conv_with_input_affine
+from zoo.layers import LargeKernelAttention, with_input_affine
 from zoo.models.van import VAN
 from conftest import load_reference
 
@@ -113,4 +113,4 @@ class TestReparameterize:
 def test_input_affine_fold_refuses_a_padded_conv():
     conv = nn.Conv2d(4, 4, 3, padding=1)
     with pytest.raises(ValueError, match='padded or grouped'):
-        conv_with_input_affine(conv, torch.ones(4), torch.zeros(4))
+        with_input_affine(conv, torch.ones(4), torch.zeros(4))

@@ -5,17 +5,18 @@ by the layout's rules, and the result is checked key by key and shape by shape a
 """
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from zoo.models import classifier_keys, first_conv_keys
-from .reader import CheckpointError
+from .reader import CheckpointError, read_checkpoint
 
 __all__ = [
     'CheckpointMismatchError', 'SourceLayout', 'check_state_dict', 'convert_with_layouts', 'detect_layout',
-    'unwrap_state_dict',
+    'read_weights', 'unwrap_state_dict',
 ]
 
 Replacement = Union[str, Callable[['re.Match[str]'], str]]
@@ -111,6 +112,11 @@ def unwrap_state_dict(checkpoint: Any, use_ema: bool = False) -> Dict[str, torch
     if not_tensors:
         raise CheckpointError(f'checkpoint has no state dict: these entries are not tensors: {_preview(not_tensors)}')
     return state_dict
+
+
+def read_weights(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The state dict in a checkpoint file, unwrapped from its container (its EMA weights if ``use_ema``)."""
+    return unwrap_state_dict(read_checkpoint(path), use_ema=use_ema)
 
 
 def detect_layout(state_dict: Mapping[str, torch.Tensor], layouts: Sequence[SourceLayout],

@@ -1,14 +1,17 @@
-"""Exact folds of per-channel affine maps (eval-mode BatchNorm, layer scale) into adjacent convolutions.
+"""Exact folds of per-channel affine maps (eval-mode BatchNorm, LayerNorm's affine, layer scale) into the adjacent
+convolutions and linear layers.
 
 Every deploy-time ``reparameterize()`` in zoo is built from these. The arithmetic runs in float64 and is cast back
-to the convolution's dtype, so a fused model matches its training form to float32 rounding.
+to the layer's dtype, so a fused model matches its training form to float32 rounding.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import nn
 
-__all__ = ['batchnorm_affine', 'conv_with_input_affine', 'conv_with_output_affine', 'fuse_conv_bn']
+__all__ = ['batchnorm_affine', 'fuse_conv_bn', 'with_input_affine', 'with_output_affine']
+
+Layer = TypeVar('Layer', nn.Conv2d, nn.Linear)
 
 
 def batchnorm_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -18,48 +21,56 @@ def batchnorm_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-        device=conv.weight.device, dtype=conv.weight.dtype,
-    )
+def _layer_like(layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> Layer:
+    """A copy of ``layer`` (with a bias) holding ``weight`` and ``bias`` in its own dtype and device."""
+    factory = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+    if isinstance(layer, nn.Linear):
+        fused = nn.Linear(layer.in_features, layer.out_features, bias=True, **factory)
+    else:
+        fused = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, groups=layer.groups, bias=True, padding_mode=layer.padding_mode, **factory)
     with torch.no_grad():
         fused.weight.copy_(weight)
         fused.bias.copy_(bias)
     return fused
 
 
-def _bias64(conv: nn.Conv2d) -> torch.Tensor:
-    if conv.bias is None:
-        return torch.zeros(conv.out_channels, dtype=torch.float64, device=conv.weight.device)
-    return conv.bias.double()
+def _bias64(layer: Union[nn.Conv2d, nn.Linear]) -> torch.Tensor:
+    if layer.bias is None:
+        return torch.zeros(layer.weight.shape[0], dtype=torch.float64, device=layer.weight.device)
+    return layer.bias.double()
 
 
-def conv_with_output_affine(
-        conv: nn.Conv2d, scale: torch.Tensor, shift: Optional[torch.Tensor] = None) -> nn.Conv2d:
-    """A new conv computing ``scale * conv(x) + shift`` (per output channel)."""
-    scale = scale.double()
-    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
-    bias = _bias64(conv) * scale
+def _along(values: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """``values`` (C,) shaped to broadcast along dimension ``dim`` of ``like``."""
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return values.double().view(shape)
+
+
+def with_output_affine(layer: Layer, scale: torch.Tensor, shift: Optional[torch.Tensor] = None) -> Layer:
+    """A new conv / linear layer computing ``scale * layer(x) + shift`` (per output channel)."""
+    weight = layer.weight.double() * _along(scale, 0, layer.weight)
+    bias = _bias64(layer) * scale.double()
     if shift is not None:
         bias = bias + shift.double()
-    return _conv_like(conv, weight, bias)
+    return _layer_like(layer, weight, bias)
 
 
-def conv_with_input_affine(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Conv2d:
-    """A new conv computing ``conv(scale * x + shift)`` (per input channel).
+def with_input_affine(layer: Layer, scale: torch.Tensor, shift: torch.Tensor) -> Layer:
+    """A new conv / linear layer computing ``layer(scale * x + shift)`` (per input channel).
 
     Only exact for an unpadded, ungrouped conv: zero padding would see ``shift`` inside the image but not outside.
     """
-    if any(p != 0 for p in conv.padding) or conv.groups != 1:
-        raise ValueError(f'cannot fold an input affine into a padded or grouped conv ({conv})')
-    weight = conv.weight.double()
-    folded_weight = weight * scale.double().view(1, -1, 1, 1)
-    bias = _bias64(conv) + (weight * shift.double().view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
-    return _conv_like(conv, folded_weight, bias)
+    if isinstance(layer, nn.Conv2d) and (any(p != 0 for p in layer.padding) or layer.groups != 1):
+        raise ValueError(f'cannot fold an input affine into a padded or grouped conv ({layer})')
+    weight = layer.weight.double()
+    folded_weight = weight * _along(scale, 1, weight)
+    bias = _bias64(layer) + (weight * _along(shift, 1, weight)).flatten(1).sum(dim=1)
+    return _layer_like(layer, folded_weight, bias)
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A single conv equal to ``bn(conv(x))`` with ``bn`` in eval mode."""
-    return conv_with_output_affine(conv, *batchnorm_affine(bn))
+    return with_output_affine(conv, *batchnorm_affine(bn))

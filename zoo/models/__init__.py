@@ -3,19 +3,21 @@ from typing import List
 
 import timm
 
-from ._checkpoint import checkpoint_filter_fn, classifier_keys, first_conv_keys, register_converter
+from ._checkpoint import checkpoint_filter_fn, classifier_keys, first_conv_keys, register_converter, \
+    register_weights_reader
 from ._manifest import load_manifest
+from .efficientmod import EfficientMod
 from .odconv_mobilenetv2 import ODMobileNetV2
 from .odconv_resnet import ODResNet
 from .van import VAN
 
 __all__ = [
-    'FAMILY_MODULES', 'ODMobileNetV2', 'ODResNet', 'VAN', 'checkpoint_filter_fn', 'classifier_keys', 'first_conv_keys', 'list_zoo_models',
-    'load_manifest', 'register_converter',
+    'FAMILY_MODULES', 'EfficientMod', 'ODMobileNetV2', 'ODResNet', 'VAN', 'checkpoint_filter_fn', 'classifier_keys',
+    'first_conv_keys', 'list_zoo_models', 'load_manifest', 'register_converter', 'register_weights_reader',
 ]
 
 # timm records a model's module as the last component of its Python module name
-FAMILY_MODULES = ('van', 'odconv_resnet', 'odconv_mobilenetv2')
+FAMILY_MODULES = ('van', 'odconv_resnet', 'odconv_mobilenetv2', 'efficientmod')
 
 
 def list_zoo_models(pattern: str = '*') -> List[str]:

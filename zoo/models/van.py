@@ -23,8 +23,7 @@ from timm.layers import DropPath, LayerNorm2d, LayerScale2d, SelectAdaptivePool2
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from zoo.layers import LargeKernelAttention, batchnorm_affine, conv_with_input_affine, conv_with_output_affine, \
-    fuse_conv_bn
+from zoo.layers import LargeKernelAttention, batchnorm_affine, fuse_conv_bn, with_input_affine, with_output_affine
 from ._builder import build_zoo_model
 from ._manifest import manifest_cfgs
 
@@ -124,14 +123,14 @@ class VanBlock(nn.Module):
             return
         scale1, shift1 = batchnorm_affine(self.norm1)
         gamma1 = self.ls1.gamma.double()
-        self.attn.proj1 = conv_with_input_affine(self.attn.proj1, scale1, shift1)
-        self.attn.proj2 = conv_with_output_affine(self.attn.proj2, gamma1, gamma1 * shift1)
+        self.attn.proj1 = with_input_affine(self.attn.proj1, scale1, shift1)
+        self.attn.proj2 = with_output_affine(self.attn.proj2, gamma1, gamma1 * shift1)
         self.attn.shortcut = LayerScale2d(self.ls1.gamma.numel()).to(self.ls1.gamma)
         self.attn.shortcut.gamma.copy_(gamma1 * scale1)
 
         scale2, shift2 = batchnorm_affine(self.norm2)
-        self.mlp.fc1 = conv_with_input_affine(self.mlp.fc1, scale2, shift2)
-        self.mlp.fc2 = conv_with_output_affine(self.mlp.fc2, self.ls2.gamma)
+        self.mlp.fc1 = with_input_affine(self.mlp.fc1, scale2, shift2)
+        self.mlp.fc2 = with_output_affine(self.mlp.fc2, self.ls2.gamma)
         self.norm1, self.ls1, self.norm2, self.ls2 = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
 
 

@@ -1,0 +1,92 @@
+"""Efficient modulation: the token mixer and MLP of EfficientMod, fused into one channels-last operator.
+
+Paper: `Efficient Modulation for Vision Networks` - https://arxiv.org/abs/2403.19967 (Ma et al., ICLR 2024)
+
+``y = fc2(act(fc1(x)) * ctx(x))`` with the context ``ctx(x) = g(act(dwconv(f(x))))``: a projection ``f``, a large
+depthwise convolution (7x7 in every published model) with GELU, and a projection ``g`` back. When the block
+expands (ratio r > 1) the context is computed at the input width and multiplied into all r slices of the expanded
+projection, as the official code's ``repeat(1, 1, 1, r)`` does; the broadcast here never materialises the copies.
+Blocks with ratio 1 have no activation after ``fc1`` (official behaviour).
+"""
+from typing import Type
+
+import torch
+from torch import nn
+
+from .fusion import with_input_affine, with_output_affine
+
+__all__ = ['EfficientModulation', 'ModulationContext']
+
+
+class ModulationContext(nn.Module):
+    """``g(act(dwconv(f(x))))`` on channels-last maps (B, H, W, C) -> (B, H, W, C)."""
+
+    def __init__(self, dim: int, kernel_size: int = 7, act_layer: Type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.f = nn.Linear(dim, dim)
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.act = act_layer()
+        self.g = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a contiguous NHWC tensor permuted to NCHW is a channels_last NCHW tensor: the conv reads and writes it
+        # without copies, and its output permuted back is contiguous NHWC again
+        x = self.f(x).permute(0, 3, 1, 2)
+        x = self.act(self.conv(x)).permute(0, 2, 3, 1)
+        return self.g(x)
+
+
+class EfficientModulation(nn.Module):
+    """``fc2(act(fc1(x)) * ctx(x))`` on channels-last maps (B, H, W, dim) -> (B, H, W, dim).
+
+    Args:
+        dim: Channels in and out.
+        ratio: Expansion of ``fc1`` (an integer: the context is broadcast over ``ratio`` slices of ``dim``).
+        kernel_size: Kernel of the context's depthwise convolution.
+        act_layer: Activation after ``fc1`` (expanding blocks only) and inside the context.
+        drop: Dropout after the modulation and after ``fc2``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            ratio: int = 4,
+            kernel_size: int = 7,
+            act_layer: Type[nn.Module] = nn.GELU,
+            drop: float = 0.,
+    ) -> None:
+        super().__init__()
+        if ratio < 1 or int(ratio) != ratio:
+            raise ValueError(f'EfficientModulation needs a whole expansion ratio >= 1, got {ratio}')
+        self.dim = dim
+        self.ratio = int(ratio)
+        self.fc1 = nn.Linear(dim, dim * self.ratio)
+        self.act = act_layer() if self.ratio > 1 else nn.Identity()
+        self.context = ModulationContext(dim, kernel_size, act_layer)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(dim * self.ratio, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        context = self.context(x)
+        x = self.act(self.fc1(x))
+        if self.ratio > 1:
+            # slice j of the expansion is modulated by the same context: (.., r, dim) * (.., 1, dim)
+            x = (x.unflatten(-1, (self.ratio, self.dim)) * context.unsqueeze(-2)).flatten(-2)
+        else:
+            x = x * context
+        return self.drop2(self.fc2(self.drop1(x)))
+
+    @torch.no_grad()
+    def fold_input_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Make the operator compute what it computed on ``scale * x + shift`` (per channel) on ``x`` itself.
+
+        Both ``fc1`` and the context's ``f`` consume the input position by position, so the fold is exact.
+        """
+        self.fc1 = with_input_affine(self.fc1, scale, shift)
+        self.context.f = with_input_affine(self.context.f, scale, shift)
+
+    @torch.no_grad()
+    def fold_output_scale(self, scale: torch.Tensor) -> None:
+        """Make the operator's output ``scale * output`` (per channel), e.g. to absorb a layer scale."""
+        self.fc2 = with_output_affine(self.fc2, scale)
