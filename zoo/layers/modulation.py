@@ -6,16 +6,49 @@ Paper: `Efficient Modulation for Vision Networks` - https://arxiv.org/abs/2403.1
 depthwise convolution (7x7 in every published model) with GELU, and a projection ``g`` back. When the block
 expands (ratio r > 1) the context is computed at the input width and multiplied into all r slices of the expanded
 projection, as the official code's ``repeat(1, 1, 1, r)`` does; the broadcast here never materialises the copies.
-Blocks with ratio 1 have no activation after ``fc1`` (official behaviour).
+Blocks with ratio 1 have no activation after ``fc1`` (official behaviour). Without autograd (inference), the
+activation and the modulation overwrite ``fc1``'s output instead of allocating new tensors.
 """
 from typing import Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .fusion import with_input_affine, with_output_affine
+from timm.layers import register_notrace_function, register_notrace_module
 
-__all__ = ['EfficientModulation', 'ModulationContext']
+from .fusion import with_output_affine
+
+__all__ = ['EfficientModulation', 'InplaceGELU', 'ModulationContext', 'modulate']
+
+
+@register_notrace_module  # decided per call: an FX graph traced without autograd must not bake in the overwrite
+class InplaceGELU(nn.GELU):
+    """GELU that, when autograd is off, overwrites its input: use it only on a fresh layer output nothing else reads.
+
+    On CPU a newly allocated activation costs about as much as a pass over it (its pages are faulted in and zeroed),
+    and the expanded activations of the first stage are the largest tensors of the network.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return F.gelu(x, approximate=self.approximate)
+        return torch.ops.aten.gelu_(x, approximate=self.approximate)
+
+
+def _reusing(act_layer: Type[nn.Module]) -> nn.Module:
+    return InplaceGELU() if act_layer is nn.GELU else act_layer()
+
+
+@register_notrace_function  # decided per call, as InplaceGELU
+def modulate(x: torch.Tensor, context: torch.Tensor, ratio: int) -> torch.Tensor:
+    """``x`` (.., ratio * C) times ``context`` (.., C) repeated ``ratio`` times along channels, without copying the
+    context; when autograd is off ``x`` (a fresh layer output) is overwritten with the result."""
+    slices = x.unflatten(-1, (ratio, context.shape[-1]))
+    if torch.is_grad_enabled():
+        return (slices * context.unsqueeze(-2)).flatten(-2)
+    slices.mul_(context.unsqueeze(-2))
+    return x
 
 
 class ModulationContext(nn.Module):
@@ -25,7 +58,7 @@ class ModulationContext(nn.Module):
         super().__init__()
         self.f = nn.Linear(dim, dim)
         self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.act = act_layer()
+        self.act = _reusing(act_layer)
         self.g = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,10 +91,9 @@ class EfficientModulation(nn.Module):
         super().__init__()
         if ratio < 1 or int(ratio) != ratio:
             raise ValueError(f'EfficientModulation needs a whole expansion ratio >= 1, got {ratio}')
-        self.dim = dim
         self.ratio = int(ratio)
         self.fc1 = nn.Linear(dim, dim * self.ratio)
-        self.act = act_layer() if self.ratio > 1 else nn.Identity()
+        self.act = _reusing(act_layer) if self.ratio > 1 else nn.Identity()
         self.context = ModulationContext(dim, kernel_size, act_layer)
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(dim * self.ratio, dim)
@@ -69,22 +101,11 @@ class EfficientModulation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.context(x)
-        x = self.act(self.fc1(x))
+        x = self.fc1(x)
         if self.ratio > 1:
-            # slice j of the expansion is modulated by the same context: (.., r, dim) * (.., 1, dim)
-            x = (x.unflatten(-1, (self.ratio, self.dim)) * context.unsqueeze(-2)).flatten(-2)
-        else:
-            x = x * context
+            x = self.act(x)
+        x = modulate(x, context, self.ratio)
         return self.drop2(self.fc2(self.drop1(x)))
-
-    @torch.no_grad()
-    def fold_input_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        """Make the operator compute what it computed on ``scale * x + shift`` (per channel) on ``x`` itself.
-
-        Both ``fc1`` and the context's ``f`` consume the input position by position, so the fold is exact.
-        """
-        self.fc1 = with_input_affine(self.fc1, scale, shift)
-        self.context.f = with_input_affine(self.context.f, scale, shift)
 
     @torch.no_grad()
     def fold_output_scale(self, scale: torch.Tensor) -> None:

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 import torch.nn.functional as F
-from timm.models import register_notrace_module
+from timm.layers import register_notrace_module
 
 __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 

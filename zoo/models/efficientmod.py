@@ -16,8 +16,8 @@ load through ``zoo.convert`` and reproduce the official logits. Departures from 
 changes a published model: stage ``i``'s downsample belongs to stage ``i`` (the official code ends stage ``i - 1``
 with it), so ``feature_info`` reports each resolution once; the context branch has one depthwise conv (the official
 code allows a sum over several kernel sizes, which no published model uses); the expansion ratio of a block must be
-a whole number, as in every published model. ``reparameterize()`` folds the block LayerNorms' affine and the layer
-scales into the adjacent linear layers.
+a whole number, as in every published model. ``reparameterize()`` folds the layer scales into the modulations' output
+projections.
 """
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
@@ -29,21 +29,11 @@ from timm.layers import Attention, ClassifierHead, DropPath, LayerScale, Mlp, tr
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from zoo.layers import EfficientModulation, with_input_affine
+from zoo.layers import EfficientModulation
 from ._builder import build_zoo_model
 from ._manifest import manifest_cfgs
 
 __all__ = ['EfficientMod']
-
-
-def _layernorm_affine(norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A LayerNorm's elementwise affine as (scale, shift), float64."""
-    return norm.weight.double(), norm.bias.double()
-
-
-def _without_affine(norm: nn.LayerNorm) -> nn.LayerNorm:
-    """The same normalisation with its affine removed (folded elsewhere)."""
-    return nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
 
 
 class PatchEmbed(nn.Module):
@@ -83,12 +73,15 @@ class ModulationBlock(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the LayerNorm's affine into the modulation's input projections and the layer scale into ``fc2``."""
-        if not self.norm.elementwise_affine:
+        """Fold the layer scale into the modulation's output projection ``fc2``.
+
+        The LayerNorm's affine would fold exactly into ``fc1`` and ``f`` too, but PyTorch's CPU LayerNorm is slower
+        without an affine than with one, so it stays.
+        """
+        if isinstance(self.layer_scale, nn.Identity):
             return
-        self.mlp.fold_input_affine(*_layernorm_affine(self.norm))
         self.mlp.fold_output_scale(self.layer_scale.gamma)
-        self.norm, self.layer_scale = _without_affine(self.norm), nn.Identity()
+        self.layer_scale = nn.Identity()
 
 
 class AttentionBlock(nn.Module):
@@ -120,15 +113,6 @@ class AttentionBlock(nn.Module):
         tokens = tokens + self.drop_path1(self.attn(self.norm1(tokens)))
         tokens = tokens + self.drop_path2(self.mlp(self.norm2(tokens)))
         return tokens.reshape(x.shape)
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold both LayerNorms' affines into the projections that read them (qkv, fc1)."""
-        if not self.norm1.elementwise_affine:
-            return
-        self.attn.qkv = with_input_affine(self.attn.qkv, *_layernorm_affine(self.norm1))
-        self.mlp.fc1 = with_input_affine(self.mlp.fc1, *_layernorm_affine(self.norm2))
-        self.norm1, self.norm2 = _without_affine(self.norm1), _without_affine(self.norm2)
 
 
 class EfficientModStage(nn.Module):
