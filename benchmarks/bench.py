@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 import timm
@@ -74,31 +74,34 @@ def _training_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None
     return step
 
 
-def _onnx_step(model: torch.nn.Module, x: torch.Tensor, threads: int) -> Callable[[], None]:
-    """onnxruntime inference of ``model`` exported at ``x``'s shape; fails unless it matches PyTorch to 1e-4."""
+def _onnx_step(model: torch.nn.Module, x: torch.Tensor, threads: int) -> Tuple[Callable[[], None], float]:
+    """onnxruntime inference of ``model`` exported at ``x``'s shape, and the max abs difference of its outputs from
+    PyTorch's; fails beyond 1e-4."""
     import onnxruntime as ort
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / 'model.onnx')
         torch.onnx.export(model, (x.contiguous(),), path, dynamo=True, verbose=False)
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # idle onnxruntime workers otherwise spin after each run, stealing the cores from the next model's turn
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
         session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     feed = {session.get_inputs()[0].name: x.contiguous().numpy()}
     with torch.inference_mode():
         diff = (torch.from_numpy(session.run(None, feed)[0]) - model(x)).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f'onnxruntime output differs from PyTorch by {diff:.3g} (max abs)')
-    return lambda: session.run(None, feed)
+    return (lambda: session.run(None, feed)), diff
 
 
 def _can_fuse(model: torch.nn.Module) -> bool:
     return any(hasattr(m, 'reparameterize') or hasattr(m, 'fuse') for m in model.modules())
 
 
-def _steps(name: str, memory_format: torch.memory_format, x: torch.Tensor,
-           modes: List[str]) -> Dict[str, Callable[[], None]]:
+def _steps(name: str, memory_format: torch.memory_format, x: torch.Tensor, modes: List[str],
+           onnx_diffs: Dict[str, float]) -> Dict[str, Callable[[], None]]:
     """The timed steps of one model: inference of the training form (and of the fused form, and of its ONNX
-    export), and a training step."""
+    export, whose max abs difference from PyTorch goes into ``onnx_diffs``), and a training step."""
     steps = {}
     if 'infer' in modes or 'onnx' in modes:
         model = timm.create_model(name).to(memory_format=memory_format).eval()
@@ -108,20 +111,20 @@ def _steps(name: str, memory_format: torch.memory_format, x: torch.Tensor,
             if deployed is not model:
                 steps['reparam'] = _inference_step(deployed, x)
         if 'onnx' in modes and memory_format == torch.contiguous_format:
-            steps['onnx'] = _onnx_step(deployed, x, torch.get_num_threads())
+            steps['onnx'], onnx_diffs[f'{name} b{x.shape[0]}'] = _onnx_step(deployed, x, torch.get_num_threads())
     if 'train' in modes:
         steps['train'] = _training_step(timm.create_model(name).to(memory_format=memory_format).train(), x)
     return steps
 
 
-def measure(names: List[str], args: argparse.Namespace) -> Iterator[Measurement]:
+def measure(names: List[str], args: argparse.Namespace, onnx_diffs: Dict[str, float]) -> Iterator[Measurement]:
     """Every model in every requested configuration; per configuration all models and forms take turns."""
     for format_name in args.memory_formats:
         memory_format = MEMORY_FORMATS[format_name]
         for batch_size in args.batch_sizes:
             x = torch.randn(batch_size, 3, args.img_size, args.img_size).to(memory_format=memory_format)
             steps = {(name, form): step for name in names
-                     for form, step in _steps(name, memory_format, x, args.modes).items()}
+                     for form, step in _steps(name, memory_format, x, args.modes, onnx_diffs).items()}
             for (name, form), seconds in interleaved_median_seconds(steps, args.warmup, args.repeats).items():
                 yield Measurement(name, form, format_name, batch_size, batch_size / seconds, seconds * 1e3)
 
@@ -164,7 +167,8 @@ def describe_machine(threads: int) -> str:
             f'timm {timm.__version__}')
 
 
-def render(measurements: List[Measurement], peaks: Dict[str, float], args: argparse.Namespace) -> str:
+def render(measurements: List[Measurement], peaks: Dict[str, float], onnx_diffs: Dict[str, float],
+           args: argparse.Namespace) -> str:
     lines = [
         f'## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC — {", ".join(args.models)} '
         f'vs {", ".join(args.baselines)}',
@@ -184,6 +188,9 @@ def render(measurements: List[Measurement], peaks: Dict[str, float], args: argpa
         lines += ['', f'Peak resident memory added by a training step at batch {max(args.batch_sizes)} (fresh process, '
                       'NCHW):', '', '| model | MiB |', '|---|---:|']
         lines += [f'| {name} | {mib:.0f} |' for name, mib in peaks.items()]
+    if onnx_diffs:
+        lines += ['', 'onnxruntime vs PyTorch, max abs difference of the logits: ' +
+                  ', '.join(f'{key} {diff:.1e}' for key, diff in onnx_diffs.items())]
     return '\n'.join(lines) + '\n\n'
 
 
@@ -207,8 +214,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    measurements = []
-    for m in measure([*args.models, *args.baselines], args):
+    measurements, onnx_diffs = [], {}
+    for m in measure([*args.models, *args.baselines], args, onnx_diffs):
         print(f'{m.model:<22}{m.form:<9}{m.memory_format:<15}b{m.batch_size:<4}{m.images_per_s:9.1f} img/s',
               flush=True)
         measurements.append(m)
@@ -218,7 +225,7 @@ def main() -> None:
             peaks[name] = peak_training_memory_mb(name, max(args.batch_sizes), args.img_size)
             print(f'{name:<22}training step peak memory {peaks[name]:.0f} MiB', flush=True)
     with open(args.out, 'a', encoding='utf-8') as f:
-        f.write(render(measurements, peaks, args))
+        f.write(render(measurements, peaks, onnx_diffs, args))
 
 
 if __name__ == '__main__':

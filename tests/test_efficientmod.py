@@ -134,8 +134,11 @@ class TestModulation:
             torch.testing.assert_close(g, w)
 
     @pytest.mark.parametrize('ratio', [1, 6])
-    def test_inference_reuses_buffers_without_changing_outputs_or_the_input(self, ratio):
+    @pytest.mark.parametrize('chunk_rows', [None, 7])  # whole, or 7 positions at a time with a ragged last chunk
+    def test_inference_reuses_buffers_without_changing_outputs_or_the_input(self, ratio, chunk_rows):
         op = EfficientModulation(8, ratio).eval()
+        if chunk_rows:
+            op.chunk_elements = chunk_rows * 8 * ratio
         x = torch.randn(2, 5, 6, 8)
         x_before = x.clone()
         with torch.no_grad():
