@@ -156,6 +156,13 @@ def peak_training_memory_mb(name: str, batch_size: int, img_size: int) -> float:
     return float(result.stdout.strip())
 
 
+def params_m(name: str) -> float:
+    """Parameters of the training form, in millions."""
+    with torch.device('meta'):  # shapes only
+        model = timm.create_model(name)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
 def describe_machine(threads: int) -> str:
     cpu = platform.processor() or 'unknown CPU'
     if Path('/proc/cpuinfo').exists():
@@ -179,11 +186,12 @@ def render(measurements: List[Measurement], peaks: Dict[str, float], onnx_diffs:
         f'onnxruntime (CPU provider, same threads; outputs checked against PyTorch to 1e-4); `train`: forward + '
         f'backward + SGD step.',
         '',
-        '| model | form | memory format | batch | img/s | ms / batch |',
-        '|---|---|---|---:|---:|---:|',
+        '| model | params (M) | form | memory format | batch | img/s | ms / batch |',
+        '|---|---:|---|---|---:|---:|---:|',
     ]
-    lines += [f'| {m.model} | {m.form} | {m.memory_format} | {m.batch_size} | {m.images_per_s:.1f} | '
-              f'{m.ms_per_batch:.1f} |' for m in measurements]
+    params = {name: params_m(name) for name in dict.fromkeys(m.model for m in measurements)}
+    lines += [f'| {m.model} | {params[m.model]:.2f} | {m.form} | {m.memory_format} | {m.batch_size} | '
+              f'{m.images_per_s:.1f} | {m.ms_per_batch:.1f} |' for m in measurements]
     if peaks:
         lines += ['', f'Peak resident memory added by a training step at batch {max(args.batch_sizes)} (fresh process, '
                       'NCHW):', '', '| model | MiB |', '|---|---:|']

@@ -3,6 +3,7 @@
 Same checks as timm applies to its built-in models: forward, backward with a gradient for every parameter, default
 cfgs (pool_size, num_features, head_hidden_size, classifier / first conv names, head resets), TorchScript,
 features_only, forward_intermediates, and torch.fx forward / backward through timm's tracer settings.
+Reparameterized (deploy) forms keep the inference part of it.
 """
 import math
 
@@ -11,6 +12,7 @@ import torch
 import timm
 from timm.layers import set_layer_config
 from timm.models import get_notrace_functions, get_notrace_modules
+from timm.utils import reparameterize_model
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from zoo.models import list_zoo_models
@@ -145,3 +147,16 @@ def test_fx_backward_reaches_every_parameter(model_name):
     out.mean().backward()
     assert out.shape[-1] == 42
     assert all(p.grad is not None for p in fx_model.parameters())
+
+
+@pytest.mark.parametrize('model_name', ['van_b0', 'efficientmod_xxs', 'xvolution_resnet34', 'xvolution_sa_resnet50'])
+def test_reparameterized_model_keeps_the_inference_contract(model_name):
+    model = reparameterize_model(timm.create_model(model_name).eval())
+    x = _input(model, 128)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected)
+        torch.testing.assert_close(torch.cat(tuple(_fx_model(model)(x).values())), expected)
+        final, intermediates = model.forward_intermediates(x)
+    assert [t.shape[1] for t in intermediates] == [info['num_chs'] for info in model.feature_info]
+    torch.testing.assert_close(model.forward_head(final), expected)

@@ -10,5 +10,6 @@ from .state_dict import CheckpointMismatchError, SourceLayout, check_state_dict,
 from .van import VAN_LAYOUTS, convert_van
 from .odconv import ODCONV_MOBILENETV2_LAYOUTS, ODCONV_RESNET_LAYOUTS, convert_odconv_mobilenetv2, convert_odconv_resnet
 from .efficientmod import EFFICIENTMOD_LAYOUTS, convert_efficientmod
+from .xvolution import XVOLUTION_LAYOUTS, convert_xvolution_resnet
 
 register_weights_reader(read_weights)

@@ -3,3 +3,4 @@ from .fusion import batchnorm_affine, fuse_conv_bn, with_input_affine, with_outp
 from .lka import LargeKernelAttention
 from .modulation import EfficientModulation, ModulationContext
 from .odconv import ODConv2d, OmniAttention, odconv_temperature, set_temperature
+from .xvolution import GlobalSelfAttention, PixelShiftAttention, PixelShiftConv2d, XVolution2d, pixel_shift_products

@@ -19,6 +19,7 @@ from torch import nn
 
 from timm.layers import register_notrace_function, register_notrace_module
 
+from ._tracing import is_compiling
 from .fusion import with_output_affine
 
 __all__ = ['EfficientModulation', 'InplaceGELU', 'ModulationContext', 'modulate']
@@ -109,11 +110,7 @@ class EfficientModulation(nn.Module):
         shape = x.shape
         positions = x.numel() // shape[-1]
         rows = max(1, self.chunk_elements // self.fc1.out_features)
-        if torch.jit.is_scripting():
-            compiling = False
-        else:
-            compiling = torch.compiler.is_compiling()  # torch.export / ONNX need one graph for any batch size
-        if torch.is_grad_enabled() or positions <= rows or compiling:
+        if torch.is_grad_enabled() or positions <= rows or is_compiling():
             return self._modulate(x, context)
         # without autograd, the expansion is made and consumed a few thousand positions at a time: the largest
         # tensors of the network then stay in the cache (1.6x faster on the first stage's blocks, CPU)

@@ -10,14 +10,16 @@ from .efficientmod import EfficientMod
 from .odconv_mobilenetv2 import ODMobileNetV2
 from .odconv_resnet import ODResNet
 from .van import VAN
+from .xvolution_resnet import XVolutionResNet
 
 __all__ = [
     'FAMILY_MODULES', 'EfficientMod', 'ODMobileNetV2', 'ODResNet', 'VAN', 'checkpoint_filter_fn', 'classifier_keys',
     'first_conv_keys', 'list_zoo_models', 'load_manifest', 'register_converter', 'register_weights_reader',
+    'XVolutionResNet',
 ]
 
 # timm records a model's module as the last component of its Python module name
-FAMILY_MODULES = ('van', 'odconv_resnet', 'odconv_mobilenetv2', 'efficientmod')
+FAMILY_MODULES = ('van', 'odconv_resnet', 'odconv_mobilenetv2', 'efficientmod', 'xvolution_resnet')
 
 
 def list_zoo_models(pattern: str = '*') -> List[str]:

@@ -27,7 +27,10 @@ def _check_weights_reachable(variant: str, cfg: PretrainedCfg) -> None:
     tag = f'{variant}.{cfg.tag}' if cfg.tag else variant
     entry = load_manifest().get(tag)
     if entry is None:
-        raise RuntimeError(f'{tag} has no pretrained weights: create it with pretrained=False')
+        notes = f' ({"; ".join(cfg.notes)})' if cfg.notes else ''
+        raise RuntimeError(
+            f'{tag} has no pretrained weights{notes}: create it with pretrained=False, or load your own with '
+            f'pretrained_cfg_overlay=dict(file=PATH) or timm.create_model("hf-hub:ORG/NAME", pretrained=True)')
     raise RuntimeError(
         f'{tag} weights are not on the Hugging Face Hub; they are published at {entry["source"]["url"]}. Download the '
         f'file, then load it with timm.create_model({variant!r}, pretrained=True, '

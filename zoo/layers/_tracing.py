@@ -1,0 +1,11 @@
+"""Whether a graph is being captured, for operators whose eager form adapts to the input's size."""
+import torch
+
+__all__ = ['is_compiling']
+
+
+def is_compiling() -> bool:
+    """True under torch.compile / torch.export (also ONNX export), where one graph must serve every batch size."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.compiler.is_compiling()

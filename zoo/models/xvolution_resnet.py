@@ -1,0 +1,137 @@
+"""X-volution ResNets
+
+Paper: `X-volution: On the Unification of Convolution and Self-attention` - https://arxiv.org/abs/2106.02253
+(Chen, Wang, Wang, Guo, Chen, Lu; 2021). No official code or weights exist: a reconstruction from the paper's text,
+see ``zoo.layers.xvolution`` for the operator and the choices made.
+
+timm's ResNet-34 / ResNet-50 with every 3x3 convolution of stage 3 (``layer3``, 14x14 at 224 px) replaced by
+``zoo.layers.XVolution2d``; the paper finds stage 3 the best place (+1.2 top-1 on ResNet-34, +0.9 on ResNet-50 with
+PSSA). The replaced conv's BatchNorm becomes the X-volution's convolution-branch norm, so with the attention
+branch's BatchNorm at its zero initialisation the network computes exactly its plain ResNet. ``reparameterize()``
+(``timm.utils.reparameterize_model``) folds every block's BatchNorms into their convolutions and fuses each PSSA
+X-volution into a single ``PixelShiftConv2d``.
+"""
+from typing import Any, Dict, Tuple, Type, Union
+
+import torch
+from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from zoo.layers import XVolution2d, fuse_conv_bn
+from ._builder import build_zoo_model
+
+__all__ = ['XVolutionResNet', 'FusableBasicBlock', 'FusableBottleneck']
+
+_NORM_PAIRS = (('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3'))
+
+
+def _fold_block_norms(block: nn.Module) -> None:
+    """Fold each plain conv's BatchNorm (and the downsample's) into the conv, in eval mode."""
+    for conv_name, bn_name in _NORM_PAIRS:
+        conv, bn = getattr(block, conv_name, None), getattr(block, bn_name, None)
+        if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
+            setattr(block, conv_name, fuse_conv_bn(conv, bn))
+            setattr(block, bn_name, nn.Identity())
+    down = block.downsample
+    if isinstance(down, nn.Sequential) and len(down) == 2 and type(down[0]) is nn.Conv2d \
+            and isinstance(down[1], nn.BatchNorm2d):
+        block.downsample = nn.Sequential(fuse_conv_bn(down[0], down[1]), nn.Identity())
+
+
+class FusableBasicBlock(BasicBlock):
+    """timm's BasicBlock whose ``reparameterize()`` folds its BatchNorms into its convolutions."""
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        _fold_block_norms(self)
+
+
+class FusableBottleneck(Bottleneck):
+    """timm's Bottleneck whose ``reparameterize()`` folds its BatchNorms into its convolutions."""
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        _fold_block_norms(self)
+
+
+def _xvolution_like(conv: nn.Conv2d, norm: nn.BatchNorm2d, attention: str) -> XVolution2d:
+    """An X-volution with the geometry timm gave ``conv``, whose convolution branch is ``conv`` -> ``norm``."""
+    xvol = XVolution2d(conv.in_channels, conv.out_channels, stride=conv.stride[0], dilation=conv.dilation[0],
+                       attention=attention)
+    xvol.conv, xvol.bn = conv, norm
+    return xvol
+
+
+class XVolutionResNet(ResNet):
+    """timm ResNet whose 3x3 convolutions in ``xvolution_stages`` are X-volutions; see the module docstring.
+
+    Args:
+        attention: 'pssa' or 'sa' (see ``XVolution2d``).
+        xvolution_stages: 0-based indices of the stages (``layer{i + 1}``) to convert; the paper's best is (2,).
+        **kwargs: timm ``ResNet`` arguments.
+    """
+
+    def __init__(self, attention: str = 'pssa', xvolution_stages: Tuple[int, ...] = (2,), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for stage in xvolution_stages:
+            for block in getattr(self, f'layer{stage + 1}'):
+                for conv_name, bn_name in _NORM_PAIRS:
+                    conv = getattr(block, conv_name, None)
+                    if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                        setattr(block, conv_name, _xvolution_like(conv, getattr(block, bn_name), attention))
+                        setattr(block, bn_name, nn.Identity())
+
+
+def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc', 'paper_ids': 'arXiv:2106.02253',
+        'paper_name': 'X-volution: On the Unification of Convolution and Self-attention',
+        'notes': ('no official code or weights exist: train it, or load weights trained with zoo',),
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'xvolution_resnet34.untrained': _cfg(),
+    'xvolution_resnet50.untrained': _cfg(),
+    'xvolution_sa_resnet34.untrained': _cfg(),
+    'xvolution_sa_resnet50.untrained': _cfg(),
+})
+
+
+def _create_xvolution_resnet(variant: str, block: Type[Union[BasicBlock, Bottleneck]], layers: Tuple[int, ...],
+                             attention: str, pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
+    return build_zoo_model(XVolutionResNet, variant, pretrained, block=block, layers=layers, attention=attention,
+                           feature_cfg=dict(feature_cls='getter'), **kwargs)
+
+
+@register_model
+def xvolution_resnet34(pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
+    """ResNet-34 with PSSA X-volutions in stage 3 (paper: +1.2 top-1 over ResNet-34; no published weights)."""
+    return _create_xvolution_resnet('xvolution_resnet34', FusableBasicBlock, (3, 4, 6, 3), 'pssa', pretrained,
+                                    **kwargs)
+
+
+@register_model
+def xvolution_resnet50(pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
+    """ResNet-50 with PSSA X-volutions in stage 3 (paper: +0.9 top-1 over ResNet-50; no published weights)."""
+    return _create_xvolution_resnet('xvolution_resnet50', FusableBottleneck, (3, 4, 6, 3), 'pssa', pretrained,
+                                    **kwargs)
+
+
+@register_model
+def xvolution_sa_resnet34(pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
+    """ResNet-34 with global self-attention X-volutions in stage 3 (no published weights)."""
+    return _create_xvolution_resnet('xvolution_sa_resnet34', FusableBasicBlock, (3, 4, 6, 3), 'sa', pretrained,
+                                    **kwargs)
+
+
+@register_model
+def xvolution_sa_resnet50(pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
+    """ResNet-50 with global self-attention X-volutions in stage 3 (no published weights)."""
+    return _create_xvolution_resnet('xvolution_sa_resnet50', FusableBottleneck, (3, 4, 6, 3), 'sa', pretrained,
+                                    **kwargs)
