@@ -1,6 +1,9 @@
 """Shared fixtures: the official reference outputs, and checkpoint files written the way they are published."""
 import argparse
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
@@ -84,3 +87,18 @@ def torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+ZOO = str(Path(sys.executable).parent / 'zoo')  # the console script pip installed beside this interpreter
+
+
+def run_zoo(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The ``zoo`` command, run as a user runs it."""
+    return subprocess.run([ZOO, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def run_python_offline(script: str, *args, hub_cache: Path) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter with ``HF_HUB_OFFLINE=1`` and ``hub_cache`` as the Hugging Face cache."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(hub_cache), HF_HOME=str(hub_cache.parent / 'hf_home'))
+    return subprocess.run([sys.executable, '-c', script, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=300)

@@ -1,13 +1,5 @@
-"""The ``zoo`` command, run as a user runs it."""
-import subprocess
-import sys
-from pathlib import Path
-
-ZOO = str(Path(sys.executable).parent / 'zoo')
-
-
-def run_zoo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([ZOO, *args], capture_output=True, text=True, timeout=300)
+"""The ``zoo`` command, run as a user runs it: listing and help (the Hub workflow is in test_hub_workflow.py)."""
+from conftest import run_zoo
 
 
 def test_list_shows_every_model_with_params_and_weight_source():

@@ -4,14 +4,11 @@ Run like a user, in a fresh interpreter with ``HF_HUB_OFFLINE=1`` and a Hub cach
 timm and huggingface_hub code paths resolve the files; the weights inside are the official reference weights.
 """
 import json
-import os
 import re
-import subprocess
-import sys
 
 import torch
 
-from conftest import lay_out_hub_cache, torch_bytes, training_checkpoint
+from conftest import lay_out_hub_cache, run_python_offline, torch_bytes, training_checkpoint
 
 # official VAN-Classification keys -> transformers VanForImageClassification keys, written from the transformers
 # module names; test_inverse_table_yields_the_published_transformers_keys checks it against the published key set
@@ -67,9 +64,7 @@ def _run_offline(tmp_path, reference, kwargs: dict) -> float:
     ref = reference('van_b0')
     io_file = tmp_path / 'io.pt'
     torch.save((ref.inputs[0], ref.outputs[0]), io_file)
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'home'))
-    result = subprocess.run([sys.executable, '-c', _LOAD_AND_COMPARE, str(io_file), json.dumps(kwargs)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = run_python_offline(_LOAD_AND_COMPARE, io_file, json.dumps(kwargs), hub_cache=tmp_path / 'hub')
     assert result.returncode == 0, result.stderr
     return float(result.stdout.split('max_abs_diff')[1])
 
@@ -92,8 +87,6 @@ def test_pretrained_loads_the_original_training_checkpoint_from_the_hub_cache(tm
 def test_missing_cache_entry_fails_offline_with_the_repo_named(tmp_path, reference):
     ref = reference('van_b0')
     torch.save((ref.inputs[0], ref.outputs[0]), tmp_path / 'io.pt')
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'home'))
-    result = subprocess.run([sys.executable, '-c', _LOAD_AND_COMPARE, str(tmp_path / 'io.pt'), '{}'],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = run_python_offline(_LOAD_AND_COMPARE, tmp_path / 'io.pt', '{}', hub_cache=tmp_path / 'hub')
     assert result.returncode != 0
     assert 'van-tiny' in result.stderr

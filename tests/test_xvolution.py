@@ -1,8 +1,5 @@
 """X-volution: the reconstructed operator, its single-operator inference form, and the X-volution ResNets."""
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -14,7 +11,7 @@ from timm.utils import reparameterize_model
 
 from zoo.convert import CheckpointMismatchError
 from zoo.layers import PixelShiftConv2d, XVolution2d, pixel_shift_products
-from conftest import lay_out_hub_cache
+from conftest import lay_out_hub_cache, run_python_offline
 
 
 def randomize_norms(module: nn.Module) -> nn.Module:
@@ -207,8 +204,6 @@ class TestUserWeights:
                   'model = timm.create_model("hf-hub:someone/xvolution-resnet34-pets", pretrained=True).eval()\n'
                   'with torch.no_grad():\n'
                   '    print((model(x) - expected).abs().max().item())\n')
-        env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'hub'), HF_HOME=str(tmp_path / 'home'))
-        result = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'io.pt')], env=env,
-                                capture_output=True, text=True, timeout=300)
+        result = run_python_offline(script, tmp_path / 'io.pt', hub_cache=tmp_path / 'hub')
         assert result.returncode == 0, result.stderr
         assert float(result.stdout) <= 1e-5

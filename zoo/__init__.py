@@ -3,7 +3,7 @@
 ``import zoo`` registers every model with timm (``timm.create_model('van_b0', pretrained=True)``) and the checkpoint
 converters that load the official weights. Layering, each importing only those below it::
 
-    layers (operators) <- models (one file per family) <- convert <- cli
+    layers (operators) <- models (one file per family) <- convert <- hub, predict <- cli
 """
 from . import models
 from . import convert

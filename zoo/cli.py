@@ -1,21 +1,26 @@
-"""The ``zoo`` command: argument parsing and output only; the work is done by the library."""
+"""The ``zoo`` command: argument parsing and output only; the work is done by the library (``zoo.hub``,
+``zoo.predict``). A user error ends in one line on stderr and exit status 1, never a traceback."""
 import argparse
+import json
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from zoo.hub import summarize_models
+from tqdm import tqdm
 
 EXAMPLES = """examples:
-  zoo list                 every model zoo registers with timm
-  zoo list 'van_b[0-3]'    the VAN sizes with official weights
+  zoo list 'van_b[0-3]'                              models and where their weights come from
+  zoo info efficientmod_s.in1k                       architecture, preprocessing, feature maps, manifest entry
+  zoo convert van_b0 van_tiny_754.pth.tar --out van_b0-in1k --verify
+  zoo publish van_b0-in1k --repo-id me/van_b0.in1k --dry-run
+  zoo predict hf-hub:me/van_b0.in1k cat.jpg --top-k 3
 """
 
 
 def _list(args: argparse.Namespace) -> int:
+    from zoo.hub import summarize_models
     summaries = summarize_models(args.pattern)
     if not summaries:
-        print(f'zoo: no model matches {args.pattern!r}; `zoo list` shows them all', file=sys.stderr)
-        return 1
+        return _fail(f'no model matches {args.pattern!r}; `zoo list` shows them all')
     print(f"{'model':<22}{'family':<20}{'params (M)':>11}  pretrained weights")
     for s in summaries:
         sources = [f'{tag} <- {where}' for tag, where in s.pretrained] or ['none (architecture only)']
@@ -25,22 +30,177 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    from zoo.hub import model_info
+    info = model_info(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['model']}: {info['class']} ({info['family']}), {info['params_m']:.3f} M parameters, "
+          f"{info['num_features']} features before the classifier")
+    cfg = info['pretrained_cfg']
+    print(f"pretrained cfg {cfg['architecture']}.{cfg.get('tag')}: input {tuple(cfg['input_size'])}, "
+          f"{cfg['interpolation']}, crop_pct {cfg['crop_pct']}, mean {tuple(cfg['mean'])}, std {tuple(cfg['std'])}")
+    print('feature maps (features_only=True):')
+    for i, f in enumerate(info['feature_info']):
+        print(f"  {i}: {f['num_chs']} channels at stride {f['reduction']} ({f['module']})")
+    entry = info['manifest']
+    if entry:
+        from zoo.hub import weights_location
+        print(f"weights: {weights_location(entry)}; top-1 {entry['top1']} (reported); license {entry['license']}")
+    else:
+        print('weights: none published for this tag')
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from zoo.hub import check_output_folder, convert_checkpoint, export_hub_folder
+    check_output_folder(args.out, args.force)  # before the slow part
+    with _progress(3 if args.verify else 2, 'convert') as steps:
+        model = convert_checkpoint(args.model, args.checkpoint, use_ema=args.ema)
+        steps.update()
+        out = export_hub_folder(model, args.out, source=args.checkpoint, use_ema=args.ema,
+                                repo_hint=args.repo_id or 'ORG/NAME', force=args.force)
+        steps.update()
+        if args.verify:
+            report = _verify(out)
+            steps.update()
+    print(f'wrote {out} ({args.model}, {model.num_classes} classes, {"EMA" if args.ema else "plain"} weights)')
+    if args.verify:
+        print(report)
+    return 0
+
+
+def _verify(folder) -> str:
+    """Reload the folder as a user would and check a forward pass against the converted weights."""
+    import timm
+    import torch
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    size = model.pretrained_cfg['input_size']
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x)
+    if not torch.isfinite(out).all():
+        raise ValueError(f'{folder}: the reloaded model gives non-finite outputs: the checkpoint is damaged')
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return (f'verified: reloaded with local-dir:, {params:.3f} M parameters, output {tuple(out.shape)} finite, '
+            f'logits mean {out.mean():.3f} std {out.std():.3f}, top class of the first input {out[0].argmax()}')
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from zoo.hub import publish_hub_folder, validate_hub_folder
+    files = validate_hub_folder(args.folder)
+    url = publish_hub_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f'{args.folder} is a valid zoo export; would upload to {url}{" (private)" if args.private else ""}:')
+        for name, size in files:
+            print(f'  {name}  {size / 1e6:.2f} MB')
+    else:
+        print(f'uploaded {args.folder} to {url}')
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import timm
+    from zoo.hub import resolve_model_name
+    from zoo.predict import classify_images, load_image
+    for path in args.images:  # every file is checked before any work
+        load_image(path)
+    kwargs = {}
+    if args.checkpoint:
+        kwargs['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
+    elif not args.model.startswith(('hf-hub:', 'local-dir:')):
+        resolve_model_name(args.model)
+    model = timm.create_model(args.model, pretrained=True, **kwargs)
+    with _progress(len(args.images), 'predict', unit='image') as bar:
+        for path, prediction in zip(args.images, classify_images(model, args.images, top_k=args.top_k)):
+            bar.update()
+            print(path)
+            for label, prob in prediction:
+                print(f'  {prob:7.2%}  {label}')
+    return 0
+
+
+def _progress(total: int, desc: str, unit: str = 'step') -> tqdm:
+    """A progress bar on stderr, shown only on a terminal (pipes and logs get the results alone)."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=None)
+
+
+def _fail(message: str) -> int:
+    print(f'zoo: {message}', file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='zoo', description='VAN, ODConv, EfficientMod and X-volution models for timm.',
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    list_cmd = commands.add_parser(
-        'list', help='registered models, their size and where their weights come from',
-        description='List the models zoo registers with timm: family, parameters, pretrained tags and their source.')
-    list_cmd.add_argument('pattern', nargs='?', default='*', help="shell-style name filter, e.g. 'van_*'")
-    list_cmd.set_defaults(run=_list)
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], summary: str, description: str,
+                examples: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=description, epilog=f'examples:\n{examples}',
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command('list', _list, 'registered models, their size and where their weights come from',
+                  'List the models zoo registers with timm: family, parameters, pretrained tags and their source.',
+                  "  zoo list\n  zoo list 'efficientmod_*'\n")
+    sub.add_argument('pattern', nargs='?', default='*', help="shell-style name filter, e.g. 'van_*'")
+
+    sub = command('info', _info, 'architecture, preprocessing, feature maps and weights of a model',
+                  'Show a model: class, parameters, pretrained cfg (preprocessing), feature_info and manifest entry.',
+                  '  zoo info van_b0\n  zoo info od_resnet50.in1k --json\n')
+    sub.add_argument('model', help='MODEL or MODEL.TAG')
+    sub.add_argument('--json', action='store_true', help='print everything as JSON')
+
+    sub = command('convert', _convert, 'convert a checkpoint file into a Hub-ready folder',
+                  'Read an official or foreign checkpoint (any supported layout, training containers included), '
+                  'convert it and write a folder in timm\'s Hub format: config.json, model.safetensors and a '
+                  'README.md model card. The folder is written beside OUT and renamed into place when complete.',
+                  '  zoo convert van_b0.in1k van_tiny_754.pth.tar --out van_b0-in1k --verify\n'
+                  '  zoo convert efficientmod_s model_best.pth.tar --out efficientmod_s-ema --ema\n')
+    sub.add_argument('model', help='MODEL or MODEL.TAG (the tag selects the preprocessing and card details)')
+    sub.add_argument('checkpoint', help='checkpoint file (.pth, .pth.tar, .bin, .safetensors)')
+    sub.add_argument('--out', required=True, help='folder to write (absent or empty unless --force)')
+    sub.add_argument('--ema', action='store_true', help="take the checkpoint's EMA weights (state_dict_ema)")
+    sub.add_argument('--verify', action='store_true', help='reload the folder and check a forward pass')
+    sub.add_argument('--force', action='store_true', help='replace a non-empty --out folder')
+    sub.add_argument('--repo-id', help='ORG/NAME the folder will be published as, for the model card (optional)')
+
+    sub = command('publish', _publish, 'upload a converted folder to the Hugging Face Hub',
+                  'Validate a folder written by `zoo convert` and upload it to a Hub model repo (created if needed; '
+                  'log in first with `huggingface-cli login` or HF_TOKEN).',
+                  '  zoo publish van_b0-in1k --repo-id me/van_b0.in1k --dry-run\n'
+                  '  zoo publish van_b0-in1k --repo-id me/van_b0.in1k --private\n')
+    sub.add_argument('folder', help='folder written by `zoo convert`')
+    sub.add_argument('--repo-id', required=True, help='ORG/NAME of the Hub repo')
+    sub.add_argument('--private', action='store_true', help='create the repo private')
+    sub.add_argument('--dry-run', action='store_true', help='validate and show what would be uploaded')
+
+    sub = command('predict', _predict, 'top-k classes of images',
+                  'Classify image files with a model and its own preprocessing; ImageNet class names for '
+                  '1000-class heads.',
+                  '  zoo predict van_b0 cat.jpg dog.png\n'
+                  '  zoo predict local-dir:van_b0-in1k cat.jpg --top-k 3\n'
+                  '  zoo predict od_resnet18 cat.jpg --checkpoint od_resnet18.pth.tar\n')
+    sub.add_argument('model', help='MODEL[.TAG], hf-hub:ORG/NAME or local-dir:DIR')
+    sub.add_argument('images', nargs='+', help='image files')
+    sub.add_argument('--top-k', type=int, default=5, help='classes to show per image (default 5)')
+    sub.add_argument('--checkpoint', help='weights file to use instead of the published weights')
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return _fail('interrupted')
+    except Exception as e:  # a user-facing command: one line, no traceback
+        message = ' '.join(str(e).split()) or type(e).__name__
+        return _fail(message)
 
 
 if __name__ == '__main__':

@@ -1,16 +1,42 @@
-"""The manifest as users see it: which zoo models exist, how big they are, and where their weights come from.
+"""From a checkpoint to the Hugging Face Hub: the catalogue of zoo models, conversion of checkpoint files into timm
+models, Hub-ready folders in timm's format, their validation and their upload.
 
-(Exporting a Hub folder and publishing it arrive with the `zoo convert` / `zoo publish` commands.)
+A folder written by :func:`export_hub_folder` holds ``config.json`` (timm's: architecture, num_classes, the
+pretrained cfg with the real preprocessing, plus a ``zoo`` record of the source file and its sha256),
+``model.safetensors`` (zoo's own keys) and a ``README.md`` model card. After ``import zoo`` it loads with
+``timm.create_model('local-dir:DIR', pretrained=True)`` or, once published, ``'hf-hub:ORG/NAME'``.
 """
+import hashlib
+import json
+import shutil
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
+from safetensors import safe_open
+from timm.models import save_for_hf
+from torch import nn
 
-from zoo.models import FAMILY_MODULES, load_manifest
+import zoo
+from zoo.convert import read_checkpoint
+from zoo.models import FAMILY_MODULES, checkpoint_filter_fn, list_zoo_models, load_manifest
 
-__all__ = ['ModelSummary', 'summarize_models', 'weights_location']
+__all__ = [
+    'HubFolderError', 'ModelSummary', 'check_output_folder', 'convert_checkpoint', 'export_hub_folder', 'file_sha256',
+    'model_info',
+    'publish_hub_folder', 'resolve_model_name', 'summarize_models', 'validate_hub_folder', 'weights_location',
+]
+
+PathLike = Union[str, Path]
+_FOLDER_FILES = ('config.json', 'model.safetensors', 'README.md')
+_REPO_PLACEHOLDER = 'ORG/NAME'
+
+
+class HubFolderError(ValueError):
+    """A Hub folder that cannot be written, or that is not a valid zoo export."""
 
 
 @dataclass(frozen=True)
@@ -46,3 +72,226 @@ def summarize_models(pattern: str = '*') -> List[ModelSummary]:
                          if tag.split('.')[0] == name)
             summaries.append(ModelSummary(name, family, _count_params_m(name), tags))
     return summaries
+
+
+def resolve_model_name(name: str) -> Tuple[str, Optional[str]]:
+    """``MODEL`` or ``MODEL.TAG`` of a zoo model -> (model, tag or None); a clear error for anything else."""
+    model, _, tag = name.partition('.')
+    if model not in list_zoo_models():
+        raise ValueError(f'unknown model {model!r}: `zoo list` shows the models zoo registers')
+    if tag and name not in timm.list_models(model, include_tags=True):
+        known = ', '.join(t.split('.', 1)[1] for t in timm.list_models(model, include_tags=True))
+        raise ValueError(f'unknown tag {tag!r} for {model}: it has {known}')
+    return model, tag or None
+
+
+def model_info(name: str) -> Dict[str, Any]:
+    """Architecture summary, pretrained cfg, feature_info and manifest entry of ``MODEL[.TAG]``."""
+    model_name, tag = resolve_model_name(name)
+    with torch.device('meta'):
+        model = timm.create_model(name)
+        features = timm.create_model(model_name, features_only=True).feature_info
+    return {
+        'model': model_name,
+        'class': type(model).__name__,
+        'family': next(f for f in FAMILY_MODULES if model_name in timm.list_models(module=f)),
+        'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        'num_features': model.num_features,
+        'pretrained_cfg': {k: v for k, v in model.pretrained_cfg.items() if v is not None},
+        'feature_info': [dict(num_chs=f['num_chs'], reduction=f['reduction'], module=f['module'])
+                         for f in features.get_dicts()],
+        'manifest': load_manifest().get(f'{model_name}.{model.pretrained_cfg["tag"]}'),
+    }
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _classifier_outputs(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Optional[int]:
+    """Number of classes of the checkpoint's classifier, None if it has none."""
+    names = model.pretrained_cfg.get('classifier') or ()
+    for name in (names,) if isinstance(names, str) else names:
+        if f'{name}.weight' in state_dict:
+            return state_dict[f'{name}.weight'].shape[0]
+    return None
+
+
+def convert_checkpoint(name: str, checkpoint: PathLike, use_ema: bool = False) -> nn.Module:
+    """``MODEL[.TAG]`` with the weights of a checkpoint file in any supported layout, in eval mode.
+
+    The classifier keeps the checkpoint's number of classes. Raises ``CheckpointError`` (unreadable, unsafe or
+    mismatched checkpoints) or ``ValueError`` (unknown model or tag).
+    """
+    resolve_model_name(name)
+    container = read_checkpoint(checkpoint)
+    with torch.device('meta'):
+        probe = timm.create_model(name)
+    state_dict = checkpoint_filter_fn(container, probe, use_ema=use_ema)
+    num_classes = _classifier_outputs(state_dict, probe)
+    model = timm.create_model(name, num_classes=num_classes if num_classes is not None else 0)
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def _model_card(model: nn.Module, repo_hint: str, source: Optional[Dict[str, str]]) -> str:
+    cfg = model.pretrained_cfg
+    entry = load_manifest().get(f'{cfg["architecture"]}.{cfg.get("tag")}') or {}
+    license_id = cfg.get('license') or 'unknown'
+    lines = [
+        '---',
+        'tags: [image-classification, timm, zoo]',
+        'library_name: timm',
+        f'license: {license_id if license_id != "unknown" else "other"}',
+        '---',
+        f'# {cfg["architecture"]}' + (f'.{cfg["tag"]}' if cfg.get('tag') else ''),
+        '',
+        f'{type(model).__name__} for image classification ({model.num_classes} classes), in timm\'s format, '
+        f'converted with [zoo](https://pypi.org/project/zoo/) {zoo.__version__}.',
+        '',
+    ]
+    if cfg.get('paper_name'):
+        lines.append(f'- Paper: {cfg["paper_name"]} ({cfg.get("paper_ids", "")})')
+    if cfg.get('origin_url'):
+        lines.append(f'- Original code: {cfg["origin_url"]}')
+    lines.append(f'- License: {license_id}' + (' (the original repository names none: ask its authors before '
+                                                'redistributing)' if license_id == 'unknown' else ''))
+    if entry:
+        lines.append(f'- Reported ImageNet-1k top-1: {entry["top1"]} (authors; weights from {weights_location(entry)})')
+    if source:
+        lines.append(f'- Converted from `{source["file"]}` (sha256 `{source["sha256"]}`, '
+                     f'{"EMA" if source["ema"] else "plain"} weights)')
+    lines += [
+        f'- Preprocessing: {cfg.get("interpolation")} resize, crop_pct {cfg.get("crop_pct")}, input '
+        f'{tuple(cfg.get("input_size", ()))}, mean {tuple(cfg.get("mean", ()))}, std {tuple(cfg.get("std", ()))}',
+        '',
+        '## Usage',
+        '',
+        '```python',
+        'import timm',
+        'import zoo  # registers the architecture with timm',
+        '',
+        f'model = timm.create_model("hf-hub:{repo_hint}", pretrained=True).eval()',
+        'config = timm.data.resolve_data_config(model=model)',
+        'transform = timm.data.create_transform(**config)',
+        '```',
+        '',
+        '`pip install zoo` provides the architecture; `num_classes=` and `features_only=True` work as for any timm '
+        'model.',
+        '',
+    ]
+    return '\n'.join(lines)
+
+
+def check_output_folder(out_dir: PathLike, force: bool = False) -> None:
+    """Raise ``HubFolderError`` unless ``out_dir`` may be written: absent, empty, or replaced with ``force``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HubFolderError(f'{out_dir} exists and is not a folder')
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise HubFolderError(f'{out_dir} is not empty: choose another folder or pass --force to replace it')
+
+
+def _prepare_output(out_dir: Path, force: bool) -> Path:
+    """A fresh temporary folder beside ``out_dir`` (renamed into place once complete)."""
+    check_output_folder(out_dir, force)
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=parent))
+    except OSError as e:
+        raise HubFolderError(f'cannot write {out_dir}: {e.strerror or e}') from e
+
+
+def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[PathLike] = None, use_ema: bool = False,
+                      repo_hint: str = _REPO_PLACEHOLDER, force: bool = False) -> Path:
+    """Write ``model`` as a Hub-ready timm folder (config.json, model.safetensors, README.md).
+
+    Args:
+        model: A zoo model (``timm.create_model`` or :func:`convert_checkpoint`).
+        out_dir: Folder to create; it must be absent or empty unless ``force``.
+        source: The checkpoint file the weights came from; its name and sha256 are recorded.
+        use_ema: Whether the EMA weights of ``source`` were taken (recorded).
+        repo_hint: Repo id shown in the model card's usage example.
+        force: Replace a non-empty ``out_dir``.
+    Returns:
+        ``out_dir``. Nothing is left behind on failure: the folder is written beside it and renamed at the end.
+    """
+    out_dir = Path(out_dir)
+    tmp = _prepare_output(out_dir, force)
+    try:
+        record = {'file': Path(source).name, 'sha256': file_sha256(source), 'ema': use_ema} if source else None
+        save_for_hf(model, str(tmp), safe_serialization=True)
+        config = json.loads((tmp / 'config.json').read_text())
+        config['zoo'] = {'version': zoo.__version__, **({'source': record} if record else {})}
+        (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
+        (tmp / 'README.md').write_text(_model_card(model, repo_hint, record))
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors create owner-only files
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def validate_hub_folder(folder: PathLike) -> List[Tuple[str, int]]:
+    """Check that ``folder`` is a loadable zoo export; returns its files as (name, bytes).
+
+    Reads config.json, builds its architecture on the meta device and checks every tensor of model.safetensors
+    against it (names and shapes), without loading the weights.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HubFolderError(f'{folder}: no such folder')
+    missing = [name for name in _FOLDER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise HubFolderError(f'{folder} lacks {", ".join(missing)}: write it with `zoo convert`')
+    try:
+        config = json.loads((folder / 'config.json').read_text())
+        architecture, num_classes = config['architecture'], config.get('num_classes', 1000)
+    except (ValueError, KeyError) as e:
+        raise HubFolderError(f'{folder / "config.json"} is not a timm model config ({e})') from e
+    resolve_model_name(architecture)
+    with torch.device('meta'):
+        expected = {k: tuple(v.shape) for k, v in timm.create_model(architecture, num_classes=num_classes)
+                    .state_dict().items()}
+    try:
+        with safe_open(str(folder / 'model.safetensors'), 'pt') as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors reports every kind of damage with its own error
+        raise HubFolderError(f'{folder / "model.safetensors"} is damaged ({e})') from e
+    if found != expected:
+        differing = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        raise HubFolderError(f'{folder / "model.safetensors"} does not fit {architecture} with {num_classes} classes '
+                             f'(e.g. {", ".join(differing[:3])})')
+    return [(p.name, p.stat().st_size) for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def publish_hub_folder(folder: PathLike, repo_id: str, private: bool = False, dry_run: bool = False) -> str:
+    """Validate ``folder`` and upload it to the Hub repo ``repo_id`` (created if needed); returns the repo URL.
+
+    The model card's usage example gets the real repo id. With ``dry_run`` nothing is changed or uploaded and the
+    URL is where it would go.
+    """
+    from huggingface_hub import HfApi
+
+    validate_hub_folder(folder)
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise HubFolderError(f'repo id {repo_id!r} must look like ORG/NAME')
+    url = f'https://huggingface.co/{repo_id}'
+    if dry_run:
+        return url
+    card = Path(folder) / 'README.md'
+    card.write_text(card.read_text().replace(f'hf-hub:{_REPO_PLACEHOLDER}', f'hf-hub:{repo_id}'))
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message='Upload zoo export')
+    return url

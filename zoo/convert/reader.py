@@ -62,8 +62,9 @@ def _read_pickle(path: Path) -> Any:
                 f'{path}: refused to unpickle: it needs {", ".join(unsafe)}, which a weights-only checkpoint never '
                 f'contains. If you trust its origin, load it in your own code and save its state dict with '
                 f'safetensors') from e
+        reason = str(e).split('. ')[0].strip()  # torch appends paragraphs of advice that do not apply here
         raise CheckpointError(
-            f'{path}: not a readable PyTorch or safetensors checkpoint (truncated or damaged?): {e}') from e
+            f'{path}: not a readable PyTorch or safetensors checkpoint (truncated or damaged?): {reason}') from e
 
 
 def read_checkpoint(path: Union[str, Path]) -> Any:
