@@ -131,10 +131,11 @@ def test_info_shows_preprocessing_features_and_weights():
     assert as_json['params_m'] == 4.106 and len(as_json['feature_info']) == 4
 
 
-def test_every_subcommand_has_help_with_examples():
-    for command in ('list', 'info', 'convert', 'publish', 'predict'):
-        result = run_zoo(command, '--help')
-        assert result.returncode == 0 and 'examples:' in result.stdout, command
+@pytest.mark.parametrize('command', ['list', 'info', 'convert', 'publish', 'predict'])
+def test_every_subcommand_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, '--help'])
+    assert exit_info.value.code == 0 and 'examples:' in capsys.readouterr().out
 
 
 class _RunsCodeWhenUnpickled:
@@ -215,3 +216,12 @@ def test_ema_weights_are_converted_when_asked_for(tmp_path):
     assert config['zoo']['source']['ema'] is True
     model = timm.create_model(f'local-dir:{tmp_path / "ema"}', pretrained=True)
     torch.testing.assert_close(model.stem.conv.weight, ema['patch_embed.proj.weight'])
+
+
+def test_publish_without_network_fails_in_one_line_and_changes_nothing(tmp_path, van_export):
+    card = (van_export / 'README.md').read_text()
+    script = 'import sys, zoo.cli; sys.exit(zoo.cli.main(sys.argv[1:]))'
+    result = run_python_offline(script, 'publish', van_export, '--repo-id', 'someone/van', hub_cache=tmp_path / 'hub')
+    assert result.returncode == 1
+    assert result.stderr.startswith('zoo: ') and result.stderr.count('\n') == 1, result.stderr
+    assert (van_export / 'README.md').read_text() == card

@@ -289,9 +289,9 @@ def publish_hub_folder(folder: PathLike, repo_id: str, private: bool = False, dr
     url = f'https://huggingface.co/{repo_id}'
     if dry_run:
         return url
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)  # fails first without network or login
     card = Path(folder) / 'README.md'
     card.write_text(card.read_text().replace(f'hf-hub:{_REPO_PLACEHOLDER}', f'hf-hub:{repo_id}'))
-    api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message='Upload zoo export')
     return url
