@@ -146,6 +146,16 @@ class TestModulation:
         torch.testing.assert_close(reused, op(x))
         torch.testing.assert_close(x, x_before, rtol=0, atol=0)
 
+    def test_a_graph_traced_without_autograd_serves_any_batch(self):
+        model = timm.create_model('efficientmod_xxs').eval()
+        for m in model.modules():
+            if isinstance(m, EfficientModulation):
+                m.chunk_elements = 64 * m.fc1.out_features  # chunked in eager mode even at this size
+        x, other = torch.randn(1, 3, 64, 64), torch.randn(3, 3, 64, 64)
+        with torch.no_grad():
+            traced = torch.jit.trace(model, x)
+            torch.testing.assert_close(traced(other), model(other))
+
     def test_only_expanding_blocks_have_an_activation_after_fc1(self):
         assert isinstance(EfficientModulation(8, 1).act, nn.Identity)
         assert isinstance(EfficientModulation(8, 6).act, nn.GELU)

@@ -115,11 +115,16 @@ def test_predict_prints_the_top_k_imagenet_classes(van_export, image_file):
     assert all(line.split('%', 1)[1].strip() in names for line in lines[1:])
 
 
-def test_predict_with_a_checkpoint_file(tmp_path, image_file):
+def test_predict_with_a_checkpoint_file_keeps_its_classes(tmp_path, image_file):
     torch.save(official_training_checkpoint(load_reference('od_resnet18').state_dict), tmp_path / 'od.pth.tar')
     result = run_zoo('predict', 'od_resnet18', image_file, '--checkpoint', tmp_path / 'od.pth.tar', '--top-k', '2')
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3
+    fine_tuned = timm.create_model('van_b0', num_classes=4).state_dict()
+    torch.save(fine_tuned, tmp_path / 'pets.pth')
+    result = run_zoo('predict', 'van_b0', image_file, '--checkpoint', tmp_path / 'pets.pth', '--top-k', '9')
+    assert result.returncode == 0, result.stderr
+    assert sorted(line.split('%')[1].strip() for line in result.stdout.splitlines()[1:]) == ['0', '1', '2', '3']
 
 
 def test_info_shows_preprocessing_features_and_weights():
@@ -170,10 +175,16 @@ def _bad_inputs(tmp_path, van_export):
         ('another architecture', ['convert', 'van_b0', tmp_path / 'resnet18.pth', '--out', out],
          'not a VAN checkpoint'),
         ('occupied output', ['convert', 'van_b0', good, '--out', tmp_path / 'occupied'], 'pass --force'),
+        ('force over a foreign folder', ['convert', 'van_b0', good, '--out', tmp_path / 'occupied', '--force'],
+         'is not a zoo export'),
+        ('force over the checkpoint folder', ['convert', 'van_b0', good, '--out', tmp_path, '--force'],
+         'holds the checkpoint'),
         ('unwritable output', ['convert', 'van_b0', good, '--out', tmp_path / 'a_file' / 'out'], 'cannot write'),
         ('non-image input', ['predict', f'local-dir:{van_export}', tmp_path / 'notes.jpg'], 'not a readable image'),
         ('missing image', ['predict', f'local-dir:{van_export}', tmp_path / 'absent.png'], 'no such image file'),
         ('unknown model to predict', ['predict', 'vann_b0', tmp_path / 'black.png'], "unknown model 'vann_b0'"),
+        ('checkpoint with a Hub model', ['predict', f'local-dir:{van_export}', tmp_path / 'black.png', '--checkpoint',
+                                         good], '--checkpoint goes with a model name'),
         ('not an export', ['publish', tmp_path / 'occupied', '--repo-id', 'a/b', '--dry-run'], 'lacks config.json'),
         ('bad repo id', ['publish', van_export, '--repo-id', 'no-org', '--dry-run'], 'must look like ORG/NAME'),
     ]
@@ -197,13 +208,15 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     assert result.stderr.count('\n') == 1 and 'Traceback' not in result.stderr
 
 
-def test_force_replaces_an_existing_export(tmp_path, van_export):
-    (tmp_path / 'out').mkdir()
-    (tmp_path / 'out' / 'old.txt').write_text('old')
+def test_force_replaces_an_earlier_export_only(tmp_path):
     torch.save(training_checkpoint(load_reference('van_b0').state_dict), tmp_path / 'ck.pth.tar')
-    assert main(['convert', 'van_b0', str(tmp_path / 'ck.pth.tar'), '--out', str(tmp_path / 'out'), '--force']) == 0
+    convert = ['convert', 'van_b0', str(tmp_path / 'ck.pth.tar'), '--out', str(tmp_path / 'out')]
+    assert main(convert) == 0
+    (tmp_path / 'out' / 'README.md').write_text('edited')
+    assert main([*convert, '--force']) == 0
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['ck.pth.tar', 'out']
+    assert (tmp_path / 'out' / 'README.md').read_text() != 'edited'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ck.pth.tar', 'out']  # no backup or temporary left
 
 
 def test_ema_weights_are_converted_when_asked_for(tmp_path):

@@ -99,6 +99,17 @@ class TestOperator:
         with torch.no_grad():
             torch.testing.assert_close(op(x), op.bn(op.conv(x)))
 
+    def test_fused_form_traces_and_exports_for_any_batch(self):
+        fused = randomize_norms(XVolution2d(8, 12, 2)).eval().fuse()
+        fused.chunk_elements = 1
+        x, other = torch.randn(1, 8, 9, 9), torch.randn(3, 8, 9, 9)
+        with torch.no_grad():
+            traced = torch.jit.trace(fused, x)
+            exported = torch.export.export(fused, (other,), dynamic_shapes=({0: torch.export.Dim('batch')},))
+            expected = fused(other)
+            torch.testing.assert_close(traced(other), expected)
+            torch.testing.assert_close(exported.module()(other[:2]), expected[:2])
+
     def test_rejects_unknown_attention(self):
         with pytest.raises(ValueError, match="unknown X-volution attention 'local': use 'pssa' or 'sa'"):
             XVolution2d(8, 8, attention='local')
@@ -161,6 +172,10 @@ class TestModels:
             actual = fused.forward_intermediates(x, indices=(1, 2), intermediates_only=True)
         for a, e in zip(actual, expected):
             assert relative_error(a, e) <= 1e-5
+
+    def test_grouped_convs_are_refused(self):
+        with pytest.raises(ValueError, match='X-volution replaces plain 3x3 convs'):
+            timm.create_model('xvolution_resnet50', cardinality=32, base_width=4)
 
     def test_pretrained_says_no_weights_exist_and_how_to_load_yours(self):
         with pytest.raises(RuntimeError, match=r'xvolution_resnet50\.untrained has no pretrained weights \(no '

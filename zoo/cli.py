@@ -55,36 +55,17 @@ def _info(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from zoo.hub import check_output_folder, convert_checkpoint, export_hub_folder
-    check_output_folder(args.out, args.force)  # before the slow part
-    with _progress(3 if args.verify else 2, 'convert') as steps:
+    check_output_folder(args.out, args.force, args.checkpoint)  # before the slow part
+    with _progress(2, 'convert') as steps:
         model = convert_checkpoint(args.model, args.checkpoint, use_ema=args.ema)
         steps.update()
-        out = export_hub_folder(model, args.out, source=args.checkpoint, use_ema=args.ema,
-                                repo_hint=args.repo_id or 'ORG/NAME', force=args.force)
+        report = export_hub_folder(model, args.out, source=args.checkpoint, use_ema=args.ema,
+                                   repo_hint=args.repo_id or 'ORG/NAME', force=args.force, verify=args.verify)
         steps.update()
-        if args.verify:
-            report = _verify(out)
-            steps.update()
-    print(f'wrote {out} ({args.model}, {model.num_classes} classes, {"EMA" if args.ema else "plain"} weights)')
-    if args.verify:
+    print(f'wrote {args.out} ({args.model}, {model.num_classes} classes, {"EMA" if args.ema else "plain"} weights)')
+    if report:
         print(report)
     return 0
-
-
-def _verify(folder) -> str:
-    """Reload the folder as a user would and check a forward pass against the converted weights."""
-    import timm
-    import torch
-    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
-    size = model.pretrained_cfg['input_size']
-    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        out = model(x)
-    if not torch.isfinite(out).all():
-        raise ValueError(f'{folder}: the reloaded model gives non-finite outputs: the checkpoint is damaged')
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    return (f'verified: reloaded with local-dir:, {params:.3f} M parameters, output {tuple(out.shape)} finite, '
-            f'logits mean {out.mean():.3f} std {out.std():.3f}, top class of the first input {out[0].argmax()}')
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -102,16 +83,19 @@ def _publish(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     import timm
-    from zoo.hub import resolve_model_name
+    from zoo.hub import convert_checkpoint, resolve_model_name
     from zoo.predict import classify_images, load_image
     for path in args.images:  # every file is checked before any work
         load_image(path)
-    kwargs = {}
+    hub_or_folder = args.model.startswith(('hf-hub:', 'local-dir:'))
+    if args.checkpoint and hub_or_folder:
+        raise ValueError('--checkpoint goes with a model name (MODEL[.TAG]), not with hf-hub: or local-dir:')
     if args.checkpoint:
-        kwargs['pretrained_cfg_overlay'] = dict(file=args.checkpoint)
-    elif not args.model.startswith(('hf-hub:', 'local-dir:')):
-        resolve_model_name(args.model)
-    model = timm.create_model(args.model, pretrained=True, **kwargs)
+        model = convert_checkpoint(args.model, args.checkpoint)  # keeps the checkpoint's classes
+    else:
+        if not hub_or_folder:
+            resolve_model_name(args.model)
+        model = timm.create_model(args.model, pretrained=True)
     with _progress(len(args.images), 'predict', unit='image') as bar:
         for path, prediction in zip(args.images, classify_images(model, args.images, top_k=args.top_k)):
             bar.update()
@@ -124,6 +108,13 @@ def _predict(args: argparse.Namespace) -> int:
 def _progress(total: int, desc: str, unit: str = 'step') -> tqdm:
     """A progress bar on stderr, shown only on a terminal (pipes and logs get the results alone)."""
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=None)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text} is not a positive number')
+    return value
 
 
 def _fail(message: str) -> int:
@@ -165,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument('checkpoint', help='checkpoint file (.pth, .pth.tar, .bin, .safetensors)')
     sub.add_argument('--out', required=True, help='folder to write (absent or empty unless --force)')
     sub.add_argument('--ema', action='store_true', help="take the checkpoint's EMA weights (state_dict_ema)")
-    sub.add_argument('--verify', action='store_true', help='reload the folder and check a forward pass')
-    sub.add_argument('--force', action='store_true', help='replace a non-empty --out folder')
+    sub.add_argument('--verify', action='store_true', help='reload the folder and check a forward pass before it is '
+                                                           'moved into place')
+    sub.add_argument('--force', action='store_true', help='replace an earlier zoo export in --out')
     sub.add_argument('--repo-id', help='ORG/NAME the folder will be published as, for the model card (optional)')
 
     sub = command('publish', _publish, 'upload a converted folder to the Hugging Face Hub',
@@ -187,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                   '  zoo predict od_resnet18 cat.jpg --checkpoint od_resnet18.pth.tar\n')
     sub.add_argument('model', help='MODEL[.TAG], hf-hub:ORG/NAME or local-dir:DIR')
     sub.add_argument('images', nargs='+', help='image files')
-    sub.add_argument('--top-k', type=int, default=5, help='classes to show per image (default 5)')
+    sub.add_argument('--top-k', type=_positive_int, default=5, help='classes to show per image (default 5)')
     sub.add_argument('--checkpoint', help='weights file to use instead of the published weights')
     return parser
 

@@ -8,6 +8,8 @@ pretrained cfg with the real preprocessing, plus a ``zoo`` record of the source 
 """
 import hashlib
 import json
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from zoo.models import FAMILY_MODULES, checkpoint_filter_fn, list_zoo_models, lo
 
 __all__ = [
     'HubFolderError', 'ModelSummary', 'check_output_folder', 'convert_checkpoint', 'export_hub_folder', 'file_sha256',
-    'model_info',
+    'model_info', 'verify_hub_folder',
     'publish_hub_folder', 'resolve_model_name', 'summarize_models', 'validate_hub_folder', 'weights_location',
 ]
 
@@ -152,7 +154,7 @@ def _model_card(model: nn.Module, repo_hint: str, source: Optional[Dict[str, str
         f'# {cfg["architecture"]}' + (f'.{cfg["tag"]}' if cfg.get('tag') else ''),
         '',
         f'{type(model).__name__} for image classification ({model.num_classes} classes), in timm\'s format, '
-        f'converted with [zoo](https://pypi.org/project/zoo/) {zoo.__version__}.',
+        f'converted with zoo {zoo.__version__}, the package that registers this architecture with timm.',
         '',
     ]
     if cfg.get('paper_name'):
@@ -181,25 +183,42 @@ def _model_card(model: nn.Module, repo_hint: str, source: Optional[Dict[str, str
         'transform = timm.data.create_transform(**config)',
         '```',
         '',
-        '`pip install zoo` provides the architecture; `num_classes=` and `features_only=True` work as for any timm '
-        'model.',
+        'With zoo installed (`import zoo` registers the architecture), `num_classes=` and `features_only=True` work '
+        'as for any timm model.',
         '',
     ]
     return '\n'.join(lines)
 
 
-def check_output_folder(out_dir: PathLike, force: bool = False) -> None:
-    """Raise ``HubFolderError`` unless ``out_dir`` may be written: absent, empty, or replaced with ``force``."""
+def _is_zoo_export(folder: Path) -> bool:
+    try:
+        return 'zoo' in json.loads((folder / 'config.json').read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_output_folder(out_dir: PathLike, force: bool = False, source: Optional[PathLike] = None) -> None:
+    """Raise ``HubFolderError`` unless ``out_dir`` may be written: absent or empty, or with ``force`` an earlier zoo
+    export; never the working folder, one of its parents, or a folder holding ``source``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise HubFolderError(f'{out_dir} exists and is not a folder')
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise HubFolderError(f'{out_dir} is not empty: choose another folder or pass --force to replace it')
+    resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise HubFolderError(f'{out_dir} is the working folder or holds it: choose a new folder for the export')
+    if source is not None and resolved in Path(source).resolve().parents:
+        raise HubFolderError(f'{out_dir} holds the checkpoint {source}: choose a new folder for the export')
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise HubFolderError(f'{out_dir} is not empty: choose another folder or pass --force to replace it')
+        if not _is_zoo_export(out_dir):
+            raise HubFolderError(f'{out_dir} is not a zoo export: --force only replaces folders written by '
+                                 f'`zoo convert`')
 
 
-def _prepare_output(out_dir: Path, force: bool) -> Path:
+def _prepare_output(out_dir: Path, force: bool, source: Optional[PathLike]) -> Path:
     """A fresh temporary folder beside ``out_dir`` (renamed into place once complete)."""
-    check_output_folder(out_dir, force)
+    check_output_folder(out_dir, force, source)
     parent = out_dir.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -208,22 +227,61 @@ def _prepare_output(out_dir: Path, force: bool) -> Path:
         raise HubFolderError(f'cannot write {out_dir}: {e.strerror or e}') from e
 
 
+def _apply_umask(folder: Path) -> None:
+    """Give ``folder`` and its files the modes the user's umask asks for (mkdtemp and safetensors use 0o700/0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.iterdir()):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is kept aside until then and restored on failure."""
+    if not (out_dir.is_dir() and any(out_dir.iterdir())):
+        tmp.replace(out_dir)  # absent or empty: one rename
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.old.', dir=out_dir.resolve().parent))
+    backup.rmdir()
+    out_dir.rename(backup)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        backup.rename(out_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def verify_hub_folder(folder: PathLike) -> str:
+    """Load ``folder`` as a user would (``local-dir:``) and check a forward pass; returns a one-line report."""
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(2, *model.pretrained_cfg['input_size'], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x)
+    if not torch.isfinite(out).all():
+        raise HubFolderError('the converted model gives non-finite outputs: the checkpoint is damaged')
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return (f'verified: reloaded with local-dir:, {params:.3f} M parameters, output {tuple(out.shape)} finite, '
+            f'logits mean {out.mean():.3f} std {out.std():.3f}')
+
+
 def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[PathLike] = None, use_ema: bool = False,
-                      repo_hint: str = _REPO_PLACEHOLDER, force: bool = False) -> Path:
+                      repo_hint: str = _REPO_PLACEHOLDER, force: bool = False, verify: bool = False) -> str:
     """Write ``model`` as a Hub-ready timm folder (config.json, model.safetensors, README.md).
 
     Args:
         model: A zoo model (``timm.create_model`` or :func:`convert_checkpoint`).
-        out_dir: Folder to create; it must be absent or empty unless ``force``.
+        out_dir: Folder to create; it must be absent or empty, or with ``force`` an earlier zoo export.
         source: The checkpoint file the weights came from; its name and sha256 are recorded.
         use_ema: Whether the EMA weights of ``source`` were taken (recorded).
         repo_hint: Repo id shown in the model card's usage example.
-        force: Replace a non-empty ``out_dir``.
+        force: Replace an earlier export in ``out_dir``.
+        verify: Reload the folder and check a forward pass (:func:`verify_hub_folder`) before it is moved in.
     Returns:
-        ``out_dir``. Nothing is left behind on failure: the folder is written beside it and renamed at the end.
+        The verification report, or '' without ``verify``. The folder is written beside ``out_dir`` and renamed
+        into place when complete and verified: on failure ``out_dir`` is as it was.
     """
     out_dir = Path(out_dir)
-    tmp = _prepare_output(out_dir, force)
+    tmp = _prepare_output(out_dir, force, source)
     try:
         record = {'file': Path(source).name, 'sha256': file_sha256(source), 'ema': use_ema} if source else None
         save_for_hf(model, str(tmp), safe_serialization=True)
@@ -231,15 +289,13 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
         config['zoo'] = {'version': zoo.__version__, **({'source': record} if record else {})}
         (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
         (tmp / 'README.md').write_text(_model_card(model, repo_hint, record))
-        for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors create owner-only files
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        _apply_umask(tmp)
+        report = verify_hub_folder(tmp) if verify else ''
+        _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+    return report
 
 
 def validate_hub_folder(folder: PathLike) -> List[Tuple[str, int]]:
@@ -257,8 +313,10 @@ def validate_hub_folder(folder: PathLike) -> List[Tuple[str, int]]:
     try:
         config = json.loads((folder / 'config.json').read_text())
         architecture, num_classes = config['architecture'], config.get('num_classes', 1000)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise HubFolderError(f'{folder / "config.json"} is not a timm model config ({e})') from e
+    if not isinstance(architecture, str) or not isinstance(num_classes, int):
+        raise HubFolderError(f'{folder / "config.json"}: architecture must be a name and num_classes a number')
     resolve_model_name(architecture)
     with torch.device('meta'):
         expected = {k: tuple(v.shape) for k, v in timm.create_model(architecture, num_classes=num_classes)
@@ -276,22 +334,22 @@ def validate_hub_folder(folder: PathLike) -> List[Tuple[str, int]]:
 
 
 def publish_hub_folder(folder: PathLike, repo_id: str, private: bool = False, dry_run: bool = False) -> str:
-    """Validate ``folder`` and upload it to the Hub repo ``repo_id`` (created if needed); returns the repo URL.
+    """Upload ``folder`` (validated first) to the Hub repo ``repo_id`` (created if needed); returns the repo URL.
 
     The model card's usage example gets the real repo id. With ``dry_run`` nothing is changed or uploaded and the
     URL is where it would go.
     """
     from huggingface_hub import HfApi
 
-    validate_hub_folder(folder)
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise HubFolderError(f'repo id {repo_id!r} must look like ORG/NAME')
+    validate_hub_folder(folder)
     url = f'https://huggingface.co/{repo_id}'
     if dry_run:
         return url
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)  # fails first without network or login
     card = Path(folder) / 'README.md'
-    card.write_text(card.read_text().replace(f'hf-hub:{_REPO_PLACEHOLDER}', f'hf-hub:{repo_id}'))
+    card.write_text(re.sub(r'create_model\("hf-hub:[^"]*"', f'create_model("hf-hub:{repo_id}"', card.read_text()))
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message='Upload zoo export')
     return url

@@ -5,7 +5,8 @@ __all__ = ['is_compiling']
 
 
 def is_compiling() -> bool:
-    """True under torch.compile / torch.export (also ONNX export), where one graph must serve every batch size."""
+    """True under torch.compile, torch.export (so ONNX export) and torch.jit.trace, where one graph must serve
+    every batch size."""
     if torch.jit.is_scripting():
         return False
-    return torch.compiler.is_compiling()
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()

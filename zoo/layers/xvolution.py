@@ -174,7 +174,7 @@ class PixelShiftConv2d(nn.Module):
     For every output position the features are the 9 window-shifted input vectors (what a 3x3 conv reads) and the 9
     products of the query with the shifted key; ``weight`` (out, 9 * (in + attn)) holds the conv's weights (BatchNorm
     folded, ordered offset-major like the features) beside the PSSA weighted sum's (BatchNorm folded). The features
-    are formed a few samples at a time, so they stay cache-sized; each slice is one GEMM.
+    are formed a few samples at a time on CPU, so they stay cache-sized; each slice is one GEMM.
     """
 
     def __init__(self, in_chs: int, out_chs: int, attn_chs: int, stride: int = 1, dilation: int = 1) -> None:
@@ -217,10 +217,9 @@ class PixelShiftConv2d(nn.Module):
         q = q[:, :, ::self.stride, ::self.stride]
         pad = (self.dilation, self.dilation, self.dilation, self.dilation)
         x, k = F.pad(x, pad), F.pad(k, pad)
-        per_sample = q.shape[-2] * q.shape[-1] * self.weight.shape[1]
-        samples = max(1, self.chunk_elements // per_sample)
-        if is_compiling():
-            samples = x.shape[0]  # one graph for any batch size
+        if x.device.type != 'cpu' or is_compiling():  # one graph for any batch size
+            return F.linear(self._features(x, q, k), self.weight, self.bias).permute(0, 3, 1, 2)
+        samples = max(1, self.chunk_elements // (q.shape[-2] * q.shape[-1] * self.weight.shape[1]))
         outs = [F.linear(self._features(x[s:s + samples], q[s:s + samples], k[s:s + samples]), self.weight, self.bias)
                 for s in range(0, x.shape[0], samples)]
         return torch.cat(outs).permute(0, 3, 1, 2)

@@ -58,6 +58,9 @@ class FusableBottleneck(Bottleneck):
 
 def _xvolution_like(conv: nn.Conv2d, norm: nn.BatchNorm2d, attention: str) -> XVolution2d:
     """An X-volution with the geometry timm gave ``conv``, whose convolution branch is ``conv`` -> ``norm``."""
+    if conv.groups != 1 or conv.bias is not None or conv.padding != conv.dilation:
+        raise ValueError(f'X-volution replaces plain 3x3 convs (one group, no bias, padding = dilation), not {conv}; '
+                         f'build the model without cardinality / groups')
     xvol = XVolution2d(conv.in_channels, conv.out_channels, stride=conv.stride[0], dilation=conv.dilation[0],
                        attention=attention)
     xvol.conv, xvol.bn = conv, norm
