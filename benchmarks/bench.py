@@ -8,6 +8,8 @@ untimed ones, with torch's intra-op threads pinned; the forms of one configurati
 are appended to benchmarks/RESULTS.md with a description of the machine.
 
     python benchmarks/bench.py --models van_b0 --baselines resnet18 mobilenetv2_100 --batch-sizes 1 16
+
+``--plot FILE.png`` also draws the run as a bar chart.
 """
 import argparse
 import datetime
@@ -202,6 +204,32 @@ def render(measurements: List[Measurement], peaks: Dict[str, float], onnx_diffs:
     return '\n'.join(lines) + '\n\n'
 
 
+def plot(measurements: List[Measurement], path: Path, title: str) -> None:
+    """A bar chart of img/s: one group per configuration (memory format, batch), one bar per model and form."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys((m.memory_format, m.batch_size) for m in measurements))
+    series = list(dict.fromkeys((m.model, m.form) for m in measurements))
+    value = {(m.memory_format, m.batch_size, m.model, m.form): m.images_per_s for m in measurements}
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6., 1.2 * len(series) * len(configs)), 4.5))
+    colors = plt.get_cmap('tab20').colors
+    for i, (model, form) in enumerate(series):
+        xs = [c + i * width for c in range(len(configs))]
+        ys = [value.get((fmt, batch, model, form), 0.) for fmt, batch in configs]
+        ax.bar(xs, ys, width, label=f'{model} ({form})', color=colors[i % len(colors)])
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(configs))])
+    ax.set_xticklabels([f'{fmt}, batch {batch}' for fmt, batch in configs])
+    ax.set_ylabel('images / s')
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=['van_b0'])
@@ -215,6 +243,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--peak-memory', action='store_true', help='also measure the peak memory of a training step')
     parser.add_argument('--out', type=Path, default=RESULTS, help='markdown file the results are appended to')
+    parser.add_argument('--plot', type=Path, help='also draw the run as a bar chart into this PNG (needs matplotlib)')
     return parser.parse_args()
 
 
@@ -234,6 +263,8 @@ def main() -> None:
             print(f'{name:<22}training step peak memory {peaks[name]:.0f} MiB', flush=True)
     with open(args.out, 'a', encoding='utf-8') as f:
         f.write(render(measurements, peaks, onnx_diffs, args))
+    if args.plot:
+        plot(measurements, args.plot, f'{describe_machine(args.threads)}; median of {args.repeats}')
 
 
 if __name__ == '__main__':
