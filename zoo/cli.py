@@ -69,9 +69,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from zoo.hub import publish_hub_folder, validate_hub_folder
-    files = validate_hub_folder(args.folder)
-    url = publish_hub_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
+    from zoo.hub import publish_hub_folder
+    url, files = publish_hub_folder(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
     if args.dry_run:
         print(f'{args.folder} is a valid zoo export; would upload to {url}{" (private)" if args.private else ""}:')
         for name, size in files:

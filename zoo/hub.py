@@ -24,7 +24,7 @@ from torch import nn
 
 import zoo
 from zoo.convert import read_checkpoint
-from zoo.models import FAMILY_MODULES, checkpoint_filter_fn, list_zoo_models, load_manifest
+from zoo.models import FAMILY_MODULES, checkpoint_filter_fn, classifier_keys, list_zoo_models, load_manifest
 
 __all__ = [
     'HubFolderError', 'ModelSummary', 'check_output_folder', 'convert_checkpoint', 'export_hub_folder', 'file_sha256',
@@ -115,15 +115,6 @@ def file_sha256(path: PathLike) -> str:
     return digest.hexdigest()
 
 
-def _classifier_outputs(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Optional[int]:
-    """Number of classes of the checkpoint's classifier, None if it has none."""
-    names = model.pretrained_cfg.get('classifier') or ()
-    for name in (names,) if isinstance(names, str) else names:
-        if f'{name}.weight' in state_dict:
-            return state_dict[f'{name}.weight'].shape[0]
-    return None
-
-
 def convert_checkpoint(name: str, checkpoint: PathLike, use_ema: bool = False) -> nn.Module:
     """``MODEL[.TAG]`` with the weights of a checkpoint file in any supported layout, in eval mode.
 
@@ -135,8 +126,8 @@ def convert_checkpoint(name: str, checkpoint: PathLike, use_ema: bool = False) -
     with torch.device('meta'):
         probe = timm.create_model(name)
     state_dict = checkpoint_filter_fn(container, probe, use_ema=use_ema)
-    num_classes = _classifier_outputs(state_dict, probe)
-    model = timm.create_model(name, num_classes=num_classes if num_classes is not None else 0)
+    head = [k for k in sorted(classifier_keys(probe)) if k.endswith('.weight') and k in state_dict]
+    model = timm.create_model(name, num_classes=state_dict[head[0]].shape[0] if head else 0)
     model.load_state_dict(state_dict)
     return model.eval()
 
@@ -333,23 +324,24 @@ def validate_hub_folder(folder: PathLike) -> List[Tuple[str, int]]:
     return [(p.name, p.stat().st_size) for p in sorted(folder.iterdir()) if p.is_file()]
 
 
-def publish_hub_folder(folder: PathLike, repo_id: str, private: bool = False, dry_run: bool = False) -> str:
-    """Upload ``folder`` (validated first) to the Hub repo ``repo_id`` (created if needed); returns the repo URL.
+def publish_hub_folder(folder: PathLike, repo_id: str, private: bool = False,
+                       dry_run: bool = False) -> Tuple[str, List[Tuple[str, int]]]:
+    """Upload ``folder`` (validated first) to the Hub repo ``repo_id`` (created if needed).
 
-    The model card's usage example gets the real repo id. With ``dry_run`` nothing is changed or uploaded and the
-    URL is where it would go.
+    The model card's usage example gets the real repo id. With ``dry_run`` nothing is changed or uploaded.
+    Returns the repo URL and the folder's files as (name, bytes).
     """
     from huggingface_hub import HfApi
 
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise HubFolderError(f'repo id {repo_id!r} must look like ORG/NAME')
-    validate_hub_folder(folder)
+    files = validate_hub_folder(folder)
     url = f'https://huggingface.co/{repo_id}'
     if dry_run:
-        return url
+        return url, files
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)  # fails first without network or login
     card = Path(folder) / 'README.md'
     card.write_text(re.sub(r'create_model\("hf-hub:[^"]*"', f'create_model("hf-hub:{repo_id}"', card.read_text()))
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message='Upload zoo export')
-    return url
+    return url, files
