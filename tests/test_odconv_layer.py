@@ -31,7 +31,8 @@ def test_reproduces_the_official_layer(name):
 
 
 # (in, out, kernel, stride, groups, kernel_num, input size): every computation path, incl. both sides of the
-# small / large feature-map switch (28 x 28 output positions)
+# small / large feature-map switch (28 x 28 output positions) and, on small maps with several kernels, both the one
+# GEMM with all kernels (5 x 5 output at kernel_num 2) and the GEMM per sample (10 x 10 at kernel_num 4)
 SHAPES = [
     (8, 12, 1, 1, 1, 1, 9), (8, 12, 1, 2, 1, 4, 9), (8, 12, 1, 1, 1, 2, 30),
     (8, 12, 3, 1, 1, 1, 9), (8, 12, 3, 2, 1, 1, 11), (8, 12, 3, 1, 1, 4, 10), (8, 12, 3, 2, 1, 2, 9),
@@ -60,11 +61,7 @@ def _output_and_grads(layer, x, forward):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'c{}_o{}_k{}_s{}_g{}_n{}_{}px'.format(*s))
-@pytest.mark.parametrize('batch_size', [1, 3])
-@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
-def test_fast_path_equals_official_computation(shape, batch_size, train):
-    layer, x = _make_pair(shape, batch_size, train)
+def _assert_fast_path_equals_official_computation(layer: ODConv2d, x: torch.Tensor) -> None:
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     out, grads = _output_and_grads(layer, x, layer)
     layer.load_state_dict(state)  # undo the running-statistics update of the first pass
@@ -72,6 +69,27 @@ def test_fast_path_equals_official_computation(shape, batch_size, train):
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'c{}_o{}_k{}_s{}_g{}_n{}_{}px'.format(*s))
+@pytest.mark.parametrize('batch_size', [1, 3])
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_fast_path_equals_official_computation(shape, batch_size, train):
+    _assert_fast_path_equals_official_computation(*_make_pair(shape, batch_size, train))
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'c{}_o{}_k{}_s{}_g{}_n{}_{}px'.format(*s))
+def test_inference_without_autograd_equals_official_computation(shape):
+    layer, x = _make_pair(shape, 3, train=False)  # no_grad: the columns are written in place
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_kernels_mixed_a_few_samples_at_a_time_equal_official_computation(train):
+    layer, x = _make_pair((8, 12, 3, 1, 1, 4, 10), 5, train)
+    layer.mixed_kernels_max_bytes = 2 * layer.weight[0].numel() * layer.weight.element_size()  # 2 samples a step
+    _assert_fast_path_equals_official_computation(layer, x)
 
 
 def test_train_mode_with_a_batch_of_one_uses_the_running_statistics():

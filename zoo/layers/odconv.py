@@ -13,21 +13,22 @@ The arithmetic is the official one, reorganised for speed (:meth:`ODConv2d.forwa
 order: attentions on input and output, per-sample mixed kernels, one conv with ``groups = batch * groups``):
 
 * dense k x k kernels on small maps: GEMMs over im2col columns. The spatial and input-channel attentions scale the
-  columns instead of the kernel, so the static kernels serve the whole batch (with several kernels, one GEMM with all
-  of them, mixed per sample afterwards); no per-sample kernels, which dominate the cost on small maps. Where the
-  kernel_num-fold FLOPs of that outweigh it, one conv per sample, its kernel mixed just before (still in cache);
+  columns instead of the kernel, so one static kernel serves the whole batch in one GEMM. With several kernels, either
+  one GEMM with all of them, mixed per sample afterwards (kernel_num times the FLOPs: while the maps are tiny), or one
+  GEMM per sample with its kernel-attention mix of the static kernels, mixed a few samples at a time;
 * everywhere else, per-sample kernels: for kernels smaller than the feature maps, the input- and output-channel
   attentions are folded into them instead of scaling the maps; 1x1 kernels then run as one batched matmul, the others
   as the official conv over the batch; a kernel that varies with nothing (1x1, kernel_num 1) stays one static conv,
   and a batch of one runs a plain conv with its mixed kernel.
 
 Which form is faster was measured on CPU at batch 16 over the ResNet-18 layer shapes (``COLUMNS_MAX_POSITIONS``,
-``STACKED_KERNELS_MAX_EXTRA_POSITIONS``); every form gives the official numbers (tests compare forward and gradients).
+``STACKED_KERNELS_MAX_EXTRA_POSITIONS``, ``MIXED_KERNELS_MAX_BYTES``); every form gives the official numbers (tests
+compare forward and gradients).
 
-The attention's BatchNorm runs on (B, C, 1, 1) tensors; in training with a batch of one it normalises with its running
-statistics, where the official layer raises.
+The attention's BatchNorm runs on the pooled (B, C) vectors; in training with a batch of one it normalises with its
+running statistics, where the official layer raises.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,15 +38,15 @@ from timm.layers import register_notrace_module
 __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 
 # Measured on CPU at batch 16 over the ResNet-18 layer shapes with kernel_num 1, 2 and 4: below 28 x 28 output
-# positions per-sample kernels cost more than im2col columns; on such maps one GEMM with all kernels beats one conv
-# per sample while (kernel_num - 1) * positions stays below 300 (7 x 7 maps at kernel_num 4, 14 x 14 at 2). Where the
-# two are close in inference, the GEMM wins a training step: it keeps no per-sample kernels for the backward pass.
+# positions per-sample kernels cost more than im2col columns; on such maps one GEMM with all kernels beats a GEMM per
+# sample while (kernel_num - 1) * positions stays below 100 (7 x 7 maps at kernel_num 2). Mixed kernels are made at
+# most 8 MiB at a time: one large fresh buffer per call costs more in page faults than the mixing itself.
 COLUMNS_MAX_POSITIONS = 28 * 28
-STACKED_KERNELS_MAX_EXTRA_POSITIONS = 300
+STACKED_KERNELS_MAX_EXTRA_POSITIONS = 100
+MIXED_KERNELS_MAX_BYTES = 8 * 2 ** 20
 
-
-class AttentionBatchNorm(nn.BatchNorm2d):
-    """BatchNorm over pooled (B, C, 1, 1) features that also runs in training with a batch of one.
+class AttentionBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over pooled (B, C) features that also runs in training with a batch of one.
 
     With one sample, batch statistics do not exist: the running statistics normalise it and are left unchanged.
     """
@@ -61,7 +62,11 @@ class AttentionBatchNorm(nn.BatchNorm2d):
 
 
 class OmniAttention(nn.Module):
-    """The four ODConv attentions of a (B, C_in, H, W) input; see the module docstring."""
+    """The four ODConv attentions of a (B, C_in, H, W) input; see the module docstring.
+
+    The 1x1 convs keep the official parameter shapes but run as linear layers on the pooled vectors, the heads as one
+    GEMM: on (B, C, 1, 1) tensors a conv call costs far more than its arithmetic.
+    """
 
     def __init__(
             self,
@@ -75,8 +80,6 @@ class OmniAttention(nn.Module):
     ) -> None:
         super().__init__()
         attn_chs = max(int(in_chs * reduction), min_channels)
-        self.kernel_size = kernel_size
-        self.kernel_num = kernel_num
         self.temperature = 1.0
         self.fc = nn.Conv2d(in_chs, attn_chs, 1, bias=False)
         self.bn = AttentionBatchNorm(attn_chs)
@@ -86,28 +89,54 @@ class OmniAttention(nn.Module):
         self.filter_fc = None if is_depthwise else nn.Conv2d(attn_chs, out_chs, 1)
         self.spatial_fc = nn.Conv2d(attn_chs, kernel_size * kernel_size, 1) if kernel_size > 1 else None
         self.kernel_fc = nn.Conv2d(attn_chs, kernel_num, 1) if kernel_num > 1 else None
+        # widths of the heads' outputs in the merged GEMM, absent heads 0: channel, filter, spatial, kernel
+        self.head_chs = [in_chs, 0 if is_depthwise else out_chs, kernel_size * kernel_size if kernel_size > 1 else 0,
+                         kernel_num if kernel_num > 1 else 0]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def _head_parameters(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The present heads' weights (sum of widths, attn_chs) and biases, in ``head_chs`` order."""
+        weights, biases = [self.channel_fc.weight], [self.channel_fc.bias]
+        if self.filter_fc is not None:
+            weights.append(self.filter_fc.weight)
+            biases.append(self.filter_fc.bias)
+        if self.spatial_fc is not None:
+            weights.append(self.spatial_fc.weight)
+            biases.append(self.spatial_fc.bias)
+        if self.kernel_fc is not None:
+            weights.append(self.kernel_fc.weight)
+            biases.append(self.kernel_fc.bias)
+        present: List[torch.Tensor] = []
+        for bias in biases:  # every head has a bias; Optional only to the type checker
+            if bias is not None:
+                present.append(bias)
+        return torch.cat(weights).flatten(1), torch.cat(present)
+
     def forward(self, x: torch.Tensor) -> Tuple[
             torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Attentions over input channels (B, C_in, 1, 1), output channels (B, C_out, 1, 1) or None, kernel
         positions (B, k * k) or None, and kernels (B, kernel_num) or None."""
-        context = self.act(self.bn(self.fc(x.mean((2, 3), keepdim=True))))
-        t = self.temperature
-        channel = torch.sigmoid(self.channel_fc(context) / t)
+        b = x.shape[0]
+        context = self.act(self.bn(F.linear(x.mean((2, 3)), self.fc.weight.flatten(1))))
+        weight, bias = self._head_parameters()
+        logits = F.linear(context, weight, bias) / self.temperature
+        channel_chs, filter_chs, spatial_chs, kernel_chs = self.head_chs
+        sigmoid_chs = channel_chs + filter_chs + spatial_chs
+        gates = torch.sigmoid(logits[:, :sigmoid_chs])
+        channel = gates[:, :channel_chs].reshape(b, channel_chs, 1, 1)
         filters: Optional[torch.Tensor] = None
-        if self.filter_fc is not None:
-            filters = torch.sigmoid(self.filter_fc(context) / t)
+        if filter_chs:
+            filters = gates[:, channel_chs:channel_chs + filter_chs].reshape(b, filter_chs, 1, 1)
         spatial: Optional[torch.Tensor] = None
-        if self.spatial_fc is not None:
-            spatial = torch.sigmoid(self.spatial_fc(context).flatten(1) / t)
+        if spatial_chs:
+            spatial = gates[:, channel_chs + filter_chs:sigmoid_chs]
         kernels: Optional[torch.Tensor] = None
-        if self.kernel_fc is not None:
-            kernels = torch.softmax(self.kernel_fc(context).flatten(1) / t, dim=1)
+        if kernel_chs:
+            kernels = torch.softmax(logits[:, sigmoid_chs:], dim=1)
         return channel, filters, spatial, kernels
 
 
@@ -147,6 +176,7 @@ class ODConv2d(nn.Module):
         self.padding = dilation * (kernel_size // 2) if padding is None else padding
         self.columns_max_positions = COLUMNS_MAX_POSITIONS
         self.stacked_kernels_max_extra_positions = STACKED_KERNELS_MAX_EXTRA_POSITIONS
+        self.mixed_kernels_max_bytes = MIXED_KERNELS_MAX_BYTES
         self.attention = OmniAttention(
             in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
             min_channels=min_channels)
@@ -172,10 +202,7 @@ class ODConv2d(nn.Module):
             weight = self.mixed_weight(spatial, kernels, channel, filters)[0]
             return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
         if not reference and self.groups == 1 and self.kernel_size > 1 and self._is_small_map(x):
-            if self._columns_pay_off(x, kernels):
-                out = self._columns_conv(x, channel, spatial, kernels)
-            else:
-                out = self._convs_per_sample(x * channel, spatial, kernels)
+            out = self._columns_conv(x, channel, spatial, kernels)
             return out if filters is None else out * filters
         fold = not reference and self._fold_attentions(x)
         if fold:
@@ -217,28 +244,15 @@ class ODConv2d(nn.Module):
         """Small maps: per-sample kernels cost more than k * k copies of the input."""
         return self._positions(x) < self.columns_max_positions
 
-    def _columns_pay_off(self, x: torch.Tensor, kernels: Optional[torch.Tensor]) -> bool:
-        """On a small map, whether GEMMs over im2col columns beat one conv per sample: always with one kernel; with
-        several, while kernel_num times the FLOPs stay cheaper than mixing a kernel per sample."""
-        if kernels is None:
-            return True
+    def _stacked_kernels_pay_off(self, x: torch.Tensor) -> bool:
+        """On a small map with several kernels, whether one GEMM with all of them (kernel_num times the FLOPs) beats
+        mixing a kernel per sample."""
         return (self.kernel_num - 1) * self._positions(x) < self.stacked_kernels_max_extra_positions
 
     def _fold_attentions(self, x: torch.Tensor) -> bool:
         """Whether to scale the per-sample kernels by the channel attentions rather than the input and output:
         when a kernel is smaller than the two feature maps."""
         return self.weight[0].numel() < x[0].numel() + self.out_chs * self._positions(x)
-
-    def _convs_per_sample(self, x: torch.Tensor, spatial: Optional[torch.Tensor],
-                          kernels: Optional[torch.Tensor]) -> torch.Tensor:
-        """One conv per sample, each kernel mixed just before its conv, while it is still in cache."""
-        outs = []
-        for i in range(x.shape[0]):
-            sample_spatial: Optional[torch.Tensor] = None if spatial is None else spatial[i:i + 1]
-            sample_kernels: Optional[torch.Tensor] = None if kernels is None else kernels[i:i + 1]
-            weight = self.mixed_weight(sample_spatial, sample_kernels)[0]
-            outs.append(F.conv2d(x[i:i + 1], weight, None, self.stride, self.padding, self.dilation, self.groups))
-        return torch.cat(outs)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, reference: bool) -> torch.Tensor:
         """x (B, C_in, H, W) convolved with static (1, ...) or per-sample (B, ...) kernels."""
@@ -256,29 +270,63 @@ class ODConv2d(nn.Module):
 
     def _columns_conv(self, x: torch.Tensor, channel: torch.Tensor, spatial: Optional[torch.Tensor],
                       kernels: Optional[torch.Tensor]) -> torch.Tensor:
-        """A dense k x k ODConv as GEMMs over im2col columns, built by slicing in channels-last order.
+        """A dense k x k ODConv as GEMMs over im2col columns: (B, C_in, H, W) -> (B, C_out, H', W') in
+        channels-last memory.
 
-        The spatial and input-channel attentions scale the columns instead of the kernel, so the static kernels serve
-        the whole batch: one GEMM for kernel_num 1; with several kernels one GEMM with all of them, whose kernel_num
-        outputs each sample mixes with its kernel attention (kernel_num times the FLOPs, no per-sample kernels).
+        The spatial and input-channel attentions scale the columns instead of the kernel, so a static kernel serves the
+        whole batch. With several kernels: one GEMM with all of them, whose kernel_num outputs each sample mixes with
+        its kernel attention, or, where that many FLOPs cost more, a GEMM per sample with its own mixed kernel.
         """
-        b, c, h, w = x.shape
+        b = x.shape[0]
+        ho, wo = self._out_size(x.shape[-2]), self._out_size(x.shape[-1])
+        if kernels is None:  # tap-major columns build faster; the one kernel is cheap to reorder to match
+            columns = self._columns(x, channel, spatial, tap_major=True)
+            rows = F.linear(columns, self.weight[0].permute(0, 2, 3, 1).reshape(self.out_chs, -1))
+        elif self._stacked_kernels_pay_off(x):
+            columns = self._columns(x, channel, spatial, tap_major=False)  # the kernel bank's own layout
+            rows = F.linear(columns, self.weight.reshape(self.kernel_num * self.out_chs, -1))
+            rows = (rows.view(b, ho * wo, self.kernel_num, self.out_chs) * kernels.view(b, 1, -1, 1)).sum(dim=2)
+        else:
+            rows = self._per_sample_gemm(self._columns(x, channel, spatial, tap_major=False), kernels)
+        return rows.view(b, ho, wo, self.out_chs).permute(0, 3, 1, 2)  # channels_last memory, no copy
+
+    def _columns(self, x: torch.Tensor, channel: torch.Tensor, spatial: Optional[torch.Tensor],
+                 tap_major: bool) -> torch.Tensor:
+        """im2col columns (B, H' * W', k * k * C_in) scaled by the input-channel and spatial attentions; within a
+        row, the k * k taps outermost (``tap_major``) or the channels outermost, as in the kernels."""
+        b, c = x.shape[:2]
         k, d, s = self.kernel_size, self.dilation, self.stride
-        ho, wo = self._out_size(h), self._out_size(w)
-        padded = F.pad(x, (self.padding, self.padding, self.padding, self.padding)).permute(0, 2, 3, 1)
+        ho, wo = self._out_size(x.shape[-2]), self._out_size(x.shape[-1])
+        # one channels-last copy of the input makes every tap below a run of contiguous channel vectors
+        padded = F.pad(x, (self.padding,) * 4).permute(0, 2, 3, 1).contiguous()
         channel = channel.view(b, 1, 1, c)
-        taps = []
+        tap_dim = 3 if tap_major else 4
+        # without autograd, each scaled tap is written straight into the columns: one pass over them instead of two
+        columns = None if torch.is_grad_enabled() else x.new_empty((b, ho, wo, k * k, c) if tap_major else
+                                                                   (b, ho, wo, c, k * k))
+        taps: List[torch.Tensor] = []
         for i in range(k):
             for j in range(k):
                 scale = channel if spatial is None else channel * spatial[:, i * k + j].view(b, 1, 1, 1)
-                taps.append(padded[:, i * d:i * d + s * (ho - 1) + 1:s, j * d:j * d + s * (wo - 1) + 1:s, :] * scale)
-        columns = torch.stack(taps, dim=3).view(b * ho * wo, k * k * c)  # tap-major, channel-minor
-        weight = self.weight.permute(0, 1, 3, 4, 2).reshape(self.kernel_num * self.out_chs, k * k * c)
-        rows = F.linear(columns, weight)
-        if kernels is not None:
-            rows = (rows.view(b, ho * wo, self.kernel_num, self.out_chs) * kernels.view(b, 1, -1, 1)).sum(dim=2)
-        return rows.view(b, ho, wo, self.out_chs).permute(0, 3, 1, 2)  # channels_last memory, no copy
+                tap = padded[:, i * d:i * d + s * (ho - 1) + 1:s, j * d:j * d + s * (wo - 1) + 1:s, :]
+                if columns is None:
+                    taps.append(tap * scale)
+                else:
+                    torch.mul(tap, scale, out=columns.select(tap_dim, i * k + j))
+        if columns is None:
+            columns = torch.stack(taps, dim=tap_dim)
+        return columns.view(b, ho * wo, k * k * c)
 
+    def _per_sample_gemm(self, columns: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        """Rows (B, H' * W', C_out): each sample's channel-major columns times its kernel-attention mix of the
+        static kernels. The mixed kernels are made a few samples at a time (``mixed_kernels_max_bytes``)."""
+        bank = self.weight.reshape(self.kernel_num, -1)
+        step = max(1, self.mixed_kernels_max_bytes // (bank.shape[1] * bank.element_size()))
+        rows = []
+        for i in range(0, columns.shape[0], step):
+            mixed = torch.mm(kernels[i:i + step], bank).view(-1, self.out_chs, columns.shape[-1])
+            rows.append(torch.bmm(columns[i:i + step], mixed.transpose(1, 2)))
+        return torch.cat(rows)
 
 def odconv_temperature(epoch: float, initial: float = 30., final: float = 1., anneal_epochs: float = 10.) -> float:
     """The official temperature schedule: linear from ``initial`` to ``final`` over the first ``anneal_epochs``,
