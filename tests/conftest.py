@@ -70,6 +70,24 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: floa
     assert diff <= atol, f'max abs diff {diff:.3g} > {atol}'
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference over the largest magnitude of ``expected``."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def with_random_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with moderate random BatchNorm statistics and affines (so that folding them is not
+    folding an identity), drawn from a fixed seed."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for tensor, low, high in ((m.running_mean, -0.3, 0.3), (m.running_var, 0.5, 2.), (m.weight, 0.5, 1.5),
+                                          (m.bias, -0.3, 0.3)):
+                    tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return model.eval()
+
+
 def lay_out_hub_cache(cache_dir: Path, repo_id: str, files: Dict[str, bytes], commit: str = 'a' * 40) -> None:
     """Write ``files`` into ``cache_dir`` exactly as huggingface_hub caches a download of ``repo_id`` at ``main``."""
     repo = cache_dir / f"models--{repo_id.replace('/', '--')}"

@@ -92,6 +92,20 @@ def test_kernels_mixed_a_few_samples_at_a_time_equal_official_computation(train)
     _assert_fast_path_equals_official_computation(layer, x)
 
 
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'c{}_o{}_k{}_s{}_g{}_n{}_{}px'.format(*s))
+@pytest.mark.parametrize('batch_size', [1, 3])
+def test_folded_output_affine_equals_scaling_and_shifting_the_output(shape, batch_size):
+    layer, x = _make_pair(shape, batch_size, train=False)
+    scale, shift = torch.rand(layer.out_chs, dtype=x.dtype) + 0.5, torch.randn(layer.out_chs, dtype=x.dtype)
+    with torch.no_grad():
+        expected = layer(x) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        layer.fuse_output_affine(scale, shift)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer.forward_reference(x), expected, rtol=1e-10, atol=1e-10)
+    x.requires_grad_()  # the autograd forms too
+    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-10, atol=1e-10)
+
+
 def test_train_mode_with_a_batch_of_one_uses_the_running_statistics():
     layer, x = _make_pair((8, 12, 3, 1, 1, 4, 9), 1, train=True)
     before = layer.attention.bn.running_mean.clone()

@@ -2,11 +2,12 @@
 import pytest
 import timm
 import torch
+from timm.utils import reparameterize_model
 
 import zoo
 from zoo.convert import CheckpointMismatchError, convert_odconv_mobilenetv2, convert_odconv_resnet
 from zoo.layers import ODConv2d
-from conftest import assert_logits_close, load_reference
+from conftest import assert_logits_close, load_reference, relative_error, with_random_batchnorm_statistics
 
 OFFICIAL = {
     'od_resnet18': ('od_resnet18(kernel_num=1)', 11.944), 'od_resnet18_4x': ('od_resnet18(kernel_num=4)', 44.902),
@@ -96,3 +97,17 @@ def test_training_with_a_batch_of_one():
     model = timm.create_model('od_resnet18_4x', num_classes=3).train()
     model(torch.randn(1, 3, 64, 64)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize('model_name', ['od_resnet18', 'od_resnet18_4x', 'od_resnet50', 'od_mobilenetv2_050',
+                                        'od_mobilenetv2_050_4x'])
+def test_reparameterized_equals_the_training_form(model_name):
+    model = with_random_batchnorm_statistics(timm.create_model(model_name))
+    fused = reparameterize_model(model)
+    # every BatchNorm after a block conv is gone; the stem keeps its own
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()) == 1
+    assert all(m.bias is not None for m in fused.modules() if isinstance(m, ODConv2d))
+    for batch_size in (1, 2):  # the batch of one has its own computation
+        x = torch.randn(batch_size, 3, 128, 128)  # 32 x 32 in the first stage: both the per-sample and the column forms
+        with torch.no_grad():
+            assert relative_error(fused(x), model(x)) <= 1e-5

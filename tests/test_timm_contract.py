@@ -149,7 +149,8 @@ def test_fx_backward_reaches_every_parameter(model_name):
     assert all(p.grad is not None for p in fx_model.parameters())
 
 
-@pytest.mark.parametrize('model_name', ['van_b0', 'efficientmod_xxs', 'xvolution_resnet34', 'xvolution_sa_resnet50'])
+@pytest.mark.parametrize('model_name', ['van_b0', 'efficientmod_xxs', 'xvolution_resnet34', 'xvolution_sa_resnet50',
+                                        'od_resnet18', 'od_mobilenetv2_050_4x'])
 def test_reparameterized_model_keeps_the_inference_contract(model_name):
     model = reparameterize_model(timm.create_model(model_name).eval())
     x = _input(model, 128)

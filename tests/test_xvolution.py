@@ -11,7 +11,7 @@ from timm.utils import reparameterize_model
 
 from zoo.convert import CheckpointMismatchError
 from zoo.layers import PixelShiftConv2d, XVolution2d, pixel_shift_products
-from conftest import lay_out_hub_cache, run_python_offline
+from conftest import lay_out_hub_cache, relative_error, run_python_offline
 
 
 def randomize_norms(module: nn.Module) -> nn.Module:
@@ -40,10 +40,6 @@ def calibrated(model: nn.Module) -> nn.Module:
         for seed in range(2):
             model(torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(seed)))
     return model.eval()
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 class TestPixelShiftProducts:

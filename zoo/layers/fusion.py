@@ -9,7 +9,9 @@ from typing import Optional, Tuple, TypeVar, Union
 import torch
 from torch import nn
 
-__all__ = ['batchnorm_affine', 'fuse_conv_bn', 'with_input_affine', 'with_output_affine']
+from .odconv import ODConv2d
+
+__all__ = ['batchnorm_affine', 'fuse_conv_bn', 'fuse_norm', 'with_input_affine', 'with_output_affine']
 
 Layer = TypeVar('Layer', nn.Conv2d, nn.Linear)
 
@@ -74,3 +76,16 @@ def with_input_affine(layer: Layer, scale: torch.Tensor, shift: torch.Tensor) ->
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A single conv equal to ``bn(conv(x))`` with ``bn`` in eval mode."""
     return with_output_affine(conv, *batchnorm_affine(bn))
+
+
+def fuse_norm(conv: nn.Module, norm: nn.Module) -> Optional[nn.Module]:
+    """The module computing ``norm(conv(x))`` with ``norm`` an eval-mode BatchNorm: a new ``nn.Conv2d`` for a plain
+    conv, ``conv`` itself for an ``ODConv2d`` (folded in place); None where either is something else."""
+    if not isinstance(norm, nn.BatchNorm2d):
+        return None
+    if type(conv) is nn.Conv2d:
+        return fuse_conv_bn(conv, norm)
+    if isinstance(conv, ODConv2d):
+        conv.fuse_output_affine(*batchnorm_affine(norm))
+        return conv
+    return None

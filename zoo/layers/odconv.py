@@ -181,12 +181,24 @@ class ODConv2d(nn.Module):
             in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
             min_channels=min_channels)
         self.weight = nn.Parameter(torch.empty(kernel_num, out_chs, in_chs // groups, kernel_size, kernel_size))
+        self.bias: Optional[nn.Parameter] = None  # only a deploy form has one (see fuse_output_affine)
         for kernel in self.weight.data:
             nn.init.kaiming_normal_(kernel, mode='fan_out', nonlinearity='relu')
 
     def extra_repr(self) -> str:
         return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
-                f'padding={self.padding}, groups={self.groups}, kernel_num={self.kernel_num}')
+                f'padding={self.padding}, groups={self.groups}, kernel_num={self.kernel_num}, '
+                f'bias={self.bias is not None}')
+
+    @torch.no_grad()
+    def fuse_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Fold ``scale * out + shift`` per output channel (C_out,) into this layer, e.g. the eval-mode BatchNorm
+        that follows it: the scale goes into the static kernels (it commutes with every attention), the shift
+        becomes a bias added after the output-channel attention."""
+        scale64, shift64 = scale.double(), shift.double()
+        self.weight.copy_(self.weight.double() * scale64.view(1, -1, 1, 1, 1))
+        bias = shift64 if self.bias is None else self.bias.double() * scale64 + shift64
+        self.bias = nn.Parameter(bias.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, reference=False)
@@ -200,18 +212,19 @@ class ODConv2d(nn.Module):
         channel, filters, spatial, kernels = self.attention(x)
         if not reference and x.shape[0] == 1:  # a batch of one: its mixed kernel is just a kernel
             weight = self.mixed_weight(spatial, kernels, channel, filters)[0]
-            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if not reference and self.groups == 1 and self.kernel_size > 1 and self._is_small_map(x):
-            out = self._columns_conv(x, channel, spatial, kernels)
+            return self._scale_and_shift(self._columns_conv(x, channel, spatial, kernels), filters)
+        if not reference and self._fold_attentions(x):
+            return self._conv(x, self.mixed_weight(spatial, kernels, channel, filters), reference, self.bias)
+        return self._scale_and_shift(self._conv(x * channel, self.mixed_weight(spatial, kernels), reference), filters)
+
+    def _scale_and_shift(self, out: torch.Tensor, filters: Optional[torch.Tensor]) -> torch.Tensor:
+        """``out`` times the output-channel attention (B, C_out, 1, 1), plus the bias; one pass over ``out``."""
+        if self.bias is None:
             return out if filters is None else out * filters
-        fold = not reference and self._fold_attentions(x)
-        if fold:
-            weight = self.mixed_weight(spatial, kernels, channel, filters)
-        else:
-            x = x * channel
-            weight = self.mixed_weight(spatial, kernels)
-        out = self._conv(x, weight, reference)
-        return out if fold or filters is None else out * filters
+        bias = self.bias.view(1, -1, 1, 1)
+        return out + bias if filters is None else torch.addcmul(bias, out, filters)
 
     def mixed_weight(
             self,
@@ -254,18 +267,21 @@ class ODConv2d(nn.Module):
         when a kernel is smaller than the two feature maps."""
         return self.weight[0].numel() < x[0].numel() + self.out_chs * self._positions(x)
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor, reference: bool) -> torch.Tensor:
-        """x (B, C_in, H, W) convolved with static (1, ...) or per-sample (B, ...) kernels."""
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, reference: bool,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, C_in, H, W) convolved with static (1, ...) or per-sample (B, ...) kernels, plus ``bias``."""
         b, c, h, w = x.shape
         if weight.shape[0] == 1:
-            return F.conv2d(x, weight[0], None, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv2d(x, weight[0], bias, self.stride, self.padding, self.dilation, self.groups)
         if not reference and self.kernel_size == 1 and self.groups == 1 and self.padding == 0:
             x = x[:, :, ::self.stride, ::self.stride]
-            out = torch.bmm(weight.view(b, self.out_chs, c), x.reshape(b, c, -1))
-            return out.view(b, self.out_chs, x.shape[-2], x.shape[-1])
+            ho, wo = x.shape[-2], x.shape[-1]
+            weight, x = weight.view(b, self.out_chs, c), x.reshape(b, c, ho * wo)
+            out = torch.bmm(weight, x) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, x)
+            return out.view(b, self.out_chs, ho, wo)
         weight = weight.reshape(b * self.out_chs, c // self.groups, self.kernel_size, self.kernel_size)
-        out = F.conv2d(x.reshape(1, b * c, h, w), weight, None, self.stride, self.padding, self.dilation,
-                       self.groups * b)
+        out = F.conv2d(x.reshape(1, b * c, h, w), weight, None if bias is None else bias.repeat(b), self.stride,
+                       self.padding, self.dilation, self.groups * b)
         return out.view(b, self.out_chs, out.shape[-2], out.shape[-1])
 
     def _columns_conv(self, x: torch.Tensor, channel: torch.Tensor, spatial: Optional[torch.Tensor],

@@ -6,7 +6,8 @@ Official code: https://github.com/OSVAI/ODConv (MIT)
 MobileNetV2 (Sandler et al., arXiv 1801.04381) with every convolution but the stem replaced by
 ``zoo.layers.ODConv2d``: the 1x1 expansions, the 3x3 depthwise convs, the 1x1 projections and the final 1x1 conv to
 1280 channels. Module names follow the official (torchvision-style) model, ``features.{i}``, so official checkpoints
-load with only the classifier renamed (``classifier.1`` -> ``classifier``).
+load with only the classifier renamed (``classifier.1`` -> ``classifier``). ``reparameterize()``
+(``timm.utils.reparameterize_model``) folds the BatchNorm after every ODConv into it.
 """
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
@@ -18,7 +19,7 @@ from timm.layers import DropPath, SelectAdaptivePool2d, make_divisible
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from zoo.layers import ODConv2d
+from zoo.layers import ODConv2d, fuse_norm
 from ._builder import build_zoo_model
 from ._manifest import manifest_cfgs
 
@@ -26,6 +27,12 @@ __all__ = ['ODMobileNetV2']
 
 # (expansion t, output channels c, repeats n, first stride s) of MobileNetV2, Table 2 of its paper
 _SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def _fold_norm_after(seq: nn.Sequential, index: int) -> None:
+    """Fold the eval-mode BatchNorm ``seq[index]`` into the ODConv2d before it."""
+    if fuse_norm(seq[index - 1], seq[index]) is not None:
+        seq[index] = nn.Identity()
 
 
 class ODConvNormAct(nn.Sequential):
@@ -38,6 +45,10 @@ class ODConvNormAct(nn.Sequential):
             nn.BatchNorm2d(out_chs),
             nn.ReLU6(inplace=True),
         )
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        _fold_norm_after(self, 1)
 
 
 class InvertedResidual(nn.Module):
@@ -57,6 +68,11 @@ class InvertedResidual(nn.Module):
         ]
         self.conv = nn.Sequential(*layers)
         self.drop_path = DropPath(drop_path) if drop_path > 0. and self.has_skip else nn.Identity()
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the projection's BatchNorm (the other convs' are folded by their ``ODConvNormAct``)."""
+        _fold_norm_after(self.conv, len(self.conv) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.has_skip:

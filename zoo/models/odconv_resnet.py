@@ -7,17 +7,19 @@ timm's ResNet with every 3x3 and 1x1 convolution of its residual blocks replaced
 conv and the 1x1 downsample convs stay static, as in the paper. ``kernel_num`` 1 is the paper's "ODConv (1x)", 4 (2
 for ResNet-101) its "ODConv (4x)". Parameter names equal the official ones, so official checkpoints load unchanged
 (after unwrapping their DDP container). Inference runs at temperature 1; ``zoo.set_temperature`` and
-``zoo.layers.odconv_temperature`` give the official annealing for training.
+``zoo.layers.odconv_temperature`` give the official annealing for training. ``reparameterize()``
+(``timm.utils.reparameterize_model``) folds every block's BatchNorms into its ODConvs (and downsample convs).
 """
 from typing import Any, Dict
 
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models.resnet import ResNet
 
 from zoo.layers import ODConv2d
 from ._builder import build_zoo_model
+from ._fusable_resnet import FusableBasicBlock, FusableBottleneck
 from ._manifest import manifest_cfgs
 
 __all__ = ['ODResNet', 'ODBasicBlock', 'ODBottleneck']
@@ -30,7 +32,7 @@ def _odconv_like(conv: nn.Conv2d, kernel_num: int, reduction: float) -> ODConv2d
         dilation=conv.dilation[0], groups=conv.groups, reduction=reduction, kernel_num=kernel_num)
 
 
-class ODBasicBlock(BasicBlock):
+class ODBasicBlock(FusableBasicBlock):
     """timm's BasicBlock with ODConv 3x3 convolutions."""
 
     def __init__(self, *args: Any, kernel_num: int = 1, reduction: float = 0.0625, **kwargs: Any) -> None:
@@ -39,7 +41,7 @@ class ODBasicBlock(BasicBlock):
         self.conv2 = _odconv_like(self.conv2, kernel_num, reduction)
 
 
-class ODBottleneck(Bottleneck):
+class ODBottleneck(FusableBottleneck):
     """timm's Bottleneck with ODConv 1x1, 3x3 and 1x1 convolutions."""
 
     def __init__(self, *args: Any, kernel_num: int = 1, reduction: float = 0.0625, **kwargs: Any) -> None:

@@ -19,41 +19,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from zoo.layers import XVolution2d, fuse_conv_bn
+from zoo.layers import XVolution2d
 from ._builder import build_zoo_model
+from ._fusable_resnet import NORM_PAIRS, FusableBasicBlock, FusableBottleneck
 
-__all__ = ['XVolutionResNet', 'FusableBasicBlock', 'FusableBottleneck']
-
-_NORM_PAIRS = (('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3'))
-
-
-def _fold_block_norms(block: nn.Module) -> None:
-    """Fold each plain conv's BatchNorm (and the downsample's) into the conv, in eval mode."""
-    for conv_name, bn_name in _NORM_PAIRS:
-        conv, bn = getattr(block, conv_name, None), getattr(block, bn_name, None)
-        if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
-            setattr(block, conv_name, fuse_conv_bn(conv, bn))
-            setattr(block, bn_name, nn.Identity())
-    down = block.downsample
-    if isinstance(down, nn.Sequential) and len(down) == 2 and type(down[0]) is nn.Conv2d \
-            and isinstance(down[1], nn.BatchNorm2d):
-        block.downsample = nn.Sequential(fuse_conv_bn(down[0], down[1]), nn.Identity())
-
-
-class FusableBasicBlock(BasicBlock):
-    """timm's BasicBlock whose ``reparameterize()`` folds its BatchNorms into its convolutions."""
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        _fold_block_norms(self)
-
-
-class FusableBottleneck(Bottleneck):
-    """timm's Bottleneck whose ``reparameterize()`` folds its BatchNorms into its convolutions."""
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        _fold_block_norms(self)
+__all__ = ['XVolutionResNet']
 
 
 def _xvolution_like(conv: nn.Conv2d, norm: nn.BatchNorm2d, attention: str) -> XVolution2d:
@@ -80,7 +50,7 @@ class XVolutionResNet(ResNet):
         super().__init__(**kwargs)
         for stage in xvolution_stages:
             for block in getattr(self, f'layer{stage + 1}'):
-                for conv_name, bn_name in _NORM_PAIRS:
+                for conv_name, bn_name in NORM_PAIRS:
                     conv = getattr(block, conv_name, None)
                     if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
                         setattr(block, conv_name, _xvolution_like(conv, getattr(block, bn_name), attention))
