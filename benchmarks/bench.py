@@ -3,8 +3,9 @@
 For every model and baseline: images/s of inference (eval mode, no grad) and of a training step (forward, backward,
 SGD step) at each batch size, in NCHW and channels_last, for the training form and, where the model can fuse, its
 ``timm.utils.reparameterize_model`` form; with ``--modes onnx`` also of the (fused) model exported to ONNX and run by
-onnxruntime on the CPU with the same number of threads, after checking its outputs against PyTorch's. Each figure is the median of ``--repeats`` timed runs after ``--warmup``
-untimed ones, with torch's intra-op threads pinned; the forms of one configuration take turns run by run. Results
+onnxruntime on the CPU with the same number of threads, after checking its outputs against PyTorch's. Each figure is
+the median of ``--repeats`` timed runs after ``--warmup`` untimed ones, with torch's intra-op threads pinned; the forms
+of one configuration take turns run by run. Results
 are appended to benchmarks/RESULTS.md with a description of the machine.
 
     python benchmarks/bench.py --models van_b0 --baselines resnet18 mobilenetv2_100 --batch-sizes 1 16
@@ -184,7 +185,8 @@ def render(measurements: List[Measurement], peaks: Dict[str, float], onnx_diffs:
         '',
         f'Machine: {describe_machine(args.threads)}. Input {args.img_size}x{args.img_size}; median of '
         f'{args.repeats} runs after {args.warmup} warm-up runs. `eval`: training form in eval mode; `reparam`: after '
-        f'`timm.utils.reparameterize_model`; `onnx`: the fused model exported with `torch.onnx.export(dynamo=True)`, run by '
+        f'`timm.utils.reparameterize_model`; `onnx`: the fused model exported with '
+        f'`torch.onnx.export(dynamo=True)`, run by '
         f'onnxruntime (CPU provider, same threads; outputs checked against PyTorch to 1e-4); `train`: forward + '
         f'backward + SGD step.',
         '',

@@ -25,8 +25,9 @@ OFFICIAL = {
 
 def official_training_checkpoint(state_dict):
     """What the official DDP training script saves."""
+    optimizer = {'state': {}, 'param_groups': [{'lr': 1e-4, 'momentum': 0.9, 'params': []}]}
     return {'epoch': 100, 'state_dict': {f'module.{k}': v for k, v in state_dict.items()}, 'acc': 72.9,
-            'best_acc': 73.05, 'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4, 'momentum': 0.9, 'params': []}]}}
+            'best_acc': 73.05, 'optimizer': optimizer}
 
 
 @pytest.mark.parametrize('model_name', ['od_resnet18', 'od_mobilenetv2_050_4x'])

@@ -25,6 +25,9 @@ Which form is faster was measured on CPU at batch 16 over the ResNet-18 layer sh
 ``STACKED_KERNELS_MAX_EXTRA_POSITIONS``, ``MIXED_KERNELS_MAX_BYTES``); every form gives the official numbers (tests
 compare forward and gradients).
 
+For deployment, :meth:`ODConv2d.fuse_output_affine` folds the BatchNorm that follows the layer into it: its scale into
+the static kernels (a per-output-channel scale commutes with every attention), its shift into a bias added last.
+
 The attention's BatchNorm runs on the pooled (B, C) vectors; in training with a batch of one it normalises with its
 running statistics, where the official layer raises.
 """
@@ -40,10 +43,12 @@ __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 # Measured on CPU at batch 16 over the ResNet-18 layer shapes with kernel_num 1, 2 and 4: below 28 x 28 output
 # positions per-sample kernels cost more than im2col columns; on such maps one GEMM with all kernels beats a GEMM per
 # sample while (kernel_num - 1) * positions stays below 100 (7 x 7 maps at kernel_num 2). Mixed kernels are made at
-# most 8 MiB at a time: one large fresh buffer per call costs more in page faults than the mixing itself.
+# most 24 MiB at a time: fewer passes over the kernel bank, yet below glibc's 32 MiB mmap threshold, beyond which every
+# call pays for fresh pages (2x slower on ResNet-18's last stage at kernel_num 4).
 COLUMNS_MAX_POSITIONS = 28 * 28
 STACKED_KERNELS_MAX_EXTRA_POSITIONS = 100
-MIXED_KERNELS_MAX_BYTES = 8 * 2 ** 20
+MIXED_KERNELS_MAX_BYTES = 24 * 2 ** 20
+
 
 class AttentionBatchNorm(nn.BatchNorm1d):
     """BatchNorm over pooled (B, C) features that also runs in training with a batch of one.
@@ -181,7 +186,7 @@ class ODConv2d(nn.Module):
             in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
             min_channels=min_channels)
         self.weight = nn.Parameter(torch.empty(kernel_num, out_chs, in_chs // groups, kernel_size, kernel_size))
-        self.bias: Optional[nn.Parameter] = None  # only a deploy form has one (see fuse_output_affine)
+        self.register_parameter('bias', None)  # only a deploy form has one (see fuse_output_affine)
         for kernel in self.weight.data:
             nn.init.kaiming_normal_(kernel, mode='fan_out', nonlinearity='relu')
 
@@ -343,6 +348,7 @@ class ODConv2d(nn.Module):
             mixed = torch.mm(kernels[i:i + step], bank).view(-1, self.out_chs, columns.shape[-1])
             rows.append(torch.bmm(columns[i:i + step], mixed.transpose(1, 2)))
         return torch.cat(rows)
+
 
 def odconv_temperature(epoch: float, initial: float = 30., final: float = 1., anneal_epochs: float = 10.) -> float:
     """The official temperature schedule: linear from ``initial`` to ``final`` over the first ``anneal_epochs``,

@@ -17,8 +17,8 @@ _WEIGHT_SOURCES = ('file', 'state_dict', 'url', 'hf_hub_id')
 
 
 def _resolve_cfg(variant: str, kwargs: Dict[str, Any]) -> PretrainedCfg:
-    return resolve_pretrained_cfg(
-        variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    return resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                  pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
 
 
 def _check_weights_reachable(variant: str, cfg: PretrainedCfg) -> None:

@@ -17,8 +17,8 @@ changes a published model: stage ``i``'s downsample belongs to stage ``i`` (the 
 with it), so ``feature_info`` reports each resolution once; the context branch has one depthwise conv (the official
 code allows a sum over several kernel sizes, which no published model uses); the expansion ratio of a block must be
 a whole number, as in every published model; with ``proj_drop_rate > 0`` the modulation also drops out after ``fc2``
-(the official block has no dropout there; all published models train without it). ``reparameterize()`` folds the layer scales into the modulations' output
-projections.
+(the official block has no dropout there; all published models train without it). ``reparameterize()`` folds the
+layer scales into the modulations' output projections.
 """
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
