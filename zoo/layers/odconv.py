@@ -244,12 +244,17 @@ class ODConv2d(nn.Module):
         weight = self.weight if kernels is None else torch.einsum('bn,noikl->boikl', kernels, self.weight)
         if spatial is not None:
             weight = weight * spatial.view(-1, 1, 1, self.kernel_size, self.kernel_size)
-        if filters is not None:
-            weight = weight * filters.view(-1, self.out_chs, 1, 1, 1)
+        # the channel attentions are combined first: (B, C_out, C_in / groups) is k * k times smaller than the kernels
+        scale: Optional[torch.Tensor] = None
         if channel is not None:
             b, g = channel.shape[0], self.groups
             per_group = channel.view(b, g, 1, self.in_chs // g).expand(b, g, self.out_chs // g, self.in_chs // g)
-            weight = weight * per_group.reshape(b, self.out_chs, self.in_chs // g, 1, 1)
+            scale = per_group.reshape(b, self.out_chs, self.in_chs // g)
+        if filters is not None:
+            per_output = filters.view(-1, self.out_chs, 1)
+            scale = per_output if scale is None else scale * per_output
+        if scale is not None:
+            weight = weight * scale.view(scale.shape[0], self.out_chs, -1, 1, 1)
         return weight
 
     def _out_size(self, size: int) -> int:
@@ -300,48 +305,49 @@ class ODConv2d(nn.Module):
         """
         b = x.shape[0]
         ho, wo = self._out_size(x.shape[-2]), self._out_size(x.shape[-1])
-        if kernels is None:  # tap-major columns build faster; the one kernel is cheap to reorder to match
-            columns = self._columns(x, channel, spatial, tap_major=True)
-            rows = F.linear(columns, self.weight[0].permute(0, 2, 3, 1).reshape(self.out_chs, -1))
+        columns = self._columns(x, channel, spatial)
+        weight = self.weight.permute(0, 1, 3, 4, 2).reshape(self.kernel_num, self.out_chs, -1)  # taps outermost too
+        if kernels is None:
+            rows = F.linear(columns, weight[0])
         elif self._stacked_kernels_pay_off(x):
-            columns = self._columns(x, channel, spatial, tap_major=False)  # the kernel bank's own layout
-            rows = F.linear(columns, self.weight.reshape(self.kernel_num * self.out_chs, -1))
+            rows = F.linear(columns, weight.view(self.kernel_num * self.out_chs, -1))
             rows = (rows.view(b, ho * wo, self.kernel_num, self.out_chs) * kernels.view(b, 1, -1, 1)).sum(dim=2)
         else:
-            rows = self._per_sample_gemm(self._columns(x, channel, spatial, tap_major=False), kernels)
+            rows = self._per_sample_gemm(columns, weight.view(self.kernel_num, -1), kernels)
         return rows.view(b, ho, wo, self.out_chs).permute(0, 3, 1, 2)  # channels_last memory, no copy
 
-    def _columns(self, x: torch.Tensor, channel: torch.Tensor, spatial: Optional[torch.Tensor],
-                 tap_major: bool) -> torch.Tensor:
-        """im2col columns (B, H' * W', k * k * C_in) scaled by the input-channel and spatial attentions; within a
-        row, the k * k taps outermost (``tap_major``) or the channels outermost, as in the kernels."""
+    def _columns(self, x: torch.Tensor, channel: torch.Tensor, spatial: Optional[torch.Tensor]) -> torch.Tensor:
+        """im2col columns (B, H' * W', k * k * C_in), taps outermost within a row, scaled by the input-channel and
+        spatial attentions."""
         b, c = x.shape[:2]
         k, d, s = self.kernel_size, self.dilation, self.stride
         ho, wo = self._out_size(x.shape[-2]), self._out_size(x.shape[-1])
         # one channels-last copy of the input makes every tap below a run of contiguous channel vectors
         padded = F.pad(x, (self.padding,) * 4).permute(0, 2, 3, 1).contiguous()
-        channel = channel.view(b, 1, 1, c)
-        tap_dim = 3 if tap_major else 4
-        # without autograd, each scaled tap is written straight into the columns: one pass over them instead of two
-        columns = None if torch.is_grad_enabled() else x.new_empty((b, ho, wo, k * k, c) if tap_major else
-                                                                   (b, ho, wo, c, k * k))
-        taps: List[torch.Tensor] = []
-        for i in range(k):
-            for j in range(k):
-                scale = channel if spatial is None else channel * spatial[:, i * k + j].view(b, 1, 1, 1)
-                tap = padded[:, i * d:i * d + s * (ho - 1) + 1:s, j * d:j * d + s * (wo - 1) + 1:s, :]
-                if columns is None:
-                    taps.append(tap * scale)
-                else:
-                    torch.mul(tap, scale, out=columns.select(tap_dim, i * k + j))
-        if columns is None:
-            columns = torch.stack(taps, dim=tap_dim)
+        if torch.is_grad_enabled():  # autograd: each scaled tap a result of its own, then stacked
+            channel = channel.view(b, 1, 1, c)
+            taps: List[torch.Tensor] = []
+            for i in range(k):
+                for j in range(k):
+                    scale = channel if spatial is None else channel * spatial[:, i * k + j].view(b, 1, 1, 1)
+                    taps.append(padded[:, i * d:i * d + s * (ho - 1) + 1:s, j * d:j * d + s * (wo - 1) + 1:s] * scale)
+            return torch.stack(taps, dim=3).view(b, ho * wo, k * k * c)
+        # without autograd, one multiply of the overlapping k x k windows (a strided view of the input) writes the
+        # columns in place: a single pass over them
+        gate = channel.view(b, 1, 1, 1, 1, c)
+        if spatial is not None:
+            gate = gate * spatial.view(b, 1, 1, k, k, 1)
+        sb, sh, sw = padded.stride(0), padded.stride(1), padded.stride(2)
+        windows = padded.as_strided((b, ho, wo, k, k, c), (sb, s * sh, s * sw, d * sh, d * sw, 1),
+                                    padded.storage_offset())
+        columns = torch.empty(windows.shape, dtype=x.dtype, device=x.device)
+        torch.mul(windows, gate, out=columns)
         return columns.view(b, ho * wo, k * k * c)
 
-    def _per_sample_gemm(self, columns: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-        """Rows (B, H' * W', C_out): each sample's channel-major columns times its kernel-attention mix of the
-        static kernels. The mixed kernels are made a few samples at a time (``mixed_kernels_max_bytes``)."""
-        bank = self.weight.reshape(self.kernel_num, -1)
+    def _per_sample_gemm(self, columns: torch.Tensor, bank: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        """Rows (B, H' * W', C_out): each sample's columns times its kernel-attention mix of the static kernels
+        ``bank`` (kernel_num, C_out * k * k * C_in, in the columns' order). The mixed kernels are made a few samples at
+        a time (``mixed_kernels_max_bytes``)."""
         step = max(1, self.mixed_kernels_max_bytes // (bank.shape[1] * bank.element_size()))
         rows = []
         for i in range(0, columns.shape[0], step):
