@@ -1,5 +1,5 @@
 """Exact folds of per-channel affine maps (eval-mode BatchNorm, LayerNorm's affine, layer scale) into the adjacent
-convolutions and linear layers.
+convolutions (plain and ODConv) and linear layers.
 
 Every deploy-time ``reparameterize()`` in zoo is built from these. The arithmetic runs in float64 and is cast back
 to the layer's dtype, so a fused model matches its training form to float32 rounding.
