@@ -22,8 +22,8 @@ order: attentions on input and output, per-sample mixed kernels, one conv with `
   and a batch of one runs a plain conv with its mixed kernel.
 
 Which form is faster was measured on CPU at batch 16 over the ResNet-18 layer shapes (``COLUMNS_MAX_POSITIONS``,
-``STACKED_KERNELS_MAX_EXTRA_POSITIONS``, ``MIXED_KERNELS_MAX_BYTES``); every form gives the official numbers (tests
-compare forward and gradients).
+``STACKED_KERNELS_MAX_EXTRA_POSITIONS`` and its ``_AUTOGRAD`` twin, ``MIXED_KERNELS_MAX_BYTES``); every form gives
+the official numbers (tests compare forward and gradients).
 
 For deployment, :meth:`ODConv2d.fuse_output_affine` folds the BatchNorm that follows the layer into it: its scale into
 the static kernels (a per-output-channel scale commutes with every attention), its shift into a bias added last.
@@ -42,11 +42,13 @@ __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 
 # Measured on CPU at batch 16 over the ResNet-18 layer shapes with kernel_num 1, 2 and 4: below 28 x 28 output
 # positions per-sample kernels cost more than im2col columns; on such maps one GEMM with all kernels beats a GEMM per
-# sample while (kernel_num - 1) * positions stays below 100 (7 x 7 maps at kernel_num 2). Mixed kernels are made at
-# most 24 MiB at a time: fewer passes over the kernel bank, yet below glibc's 32 MiB mmap threshold, beyond which every
-# call pays for fresh pages (2x slower on ResNet-18's last stage at kernel_num 4).
+# sample while (kernel_num - 1) * positions stays below 100 (7 x 7 maps at kernel_num 2), and below 300 in a training
+# step (7 x 7 at kernel_num 4: 0.20 vs 0.36 s), whose backward through per-sample kernels is slow. Mixed kernels are
+# made at most 24 MiB at a time: fewer passes over the kernel bank, yet below glibc's 32 MiB mmap threshold, beyond
+# which every call pays for fresh pages (2x slower on ResNet-18's last stage at kernel_num 4).
 COLUMNS_MAX_POSITIONS = 28 * 28
 STACKED_KERNELS_MAX_EXTRA_POSITIONS = 100
+STACKED_KERNELS_MAX_EXTRA_POSITIONS_AUTOGRAD = 300
 MIXED_KERNELS_MAX_BYTES = 24 * 2 ** 20
 
 
@@ -181,6 +183,7 @@ class ODConv2d(nn.Module):
         self.padding = dilation * (kernel_size // 2) if padding is None else padding
         self.columns_max_positions = COLUMNS_MAX_POSITIONS
         self.stacked_kernels_max_extra_positions = STACKED_KERNELS_MAX_EXTRA_POSITIONS
+        self.stacked_kernels_max_extra_positions_autograd = STACKED_KERNELS_MAX_EXTRA_POSITIONS_AUTOGRAD
         self.mixed_kernels_max_bytes = MIXED_KERNELS_MAX_BYTES
         self.attention = OmniAttention(
             in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
@@ -270,7 +273,9 @@ class ODConv2d(nn.Module):
     def _stacked_kernels_pay_off(self, x: torch.Tensor) -> bool:
         """On a small map with several kernels, whether one GEMM with all of them (kernel_num times the FLOPs) beats
         mixing a kernel per sample."""
-        return (self.kernel_num - 1) * self._positions(x) < self.stacked_kernels_max_extra_positions
+        limit = self.stacked_kernels_max_extra_positions_autograd if torch.is_grad_enabled() \
+            else self.stacked_kernels_max_extra_positions
+        return (self.kernel_num - 1) * self._positions(x) < limit
 
     def _fold_attentions(self, x: torch.Tensor) -> bool:
         """Whether to scale the per-sample kernels by the channel attentions rather than the input and output:
