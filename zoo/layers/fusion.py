@@ -78,7 +78,7 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return with_output_affine(conv, *batchnorm_affine(bn))
 
 
-def fuse_norm(conv: nn.Module, norm: nn.Module) -> Optional[nn.Module]:
+def fuse_norm(conv: Optional[nn.Module], norm: Optional[nn.Module]) -> Optional[nn.Module]:
     """The module computing ``norm(conv(x))`` with ``norm`` an eval-mode BatchNorm: a new ``nn.Conv2d`` for a plain
     conv, ``conv`` itself for an ``ODConv2d`` (folded in place); None where either is something else."""
     if not isinstance(norm, nn.BatchNorm2d):

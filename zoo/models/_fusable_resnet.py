@@ -16,8 +16,7 @@ NORM_PAIRS = (('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3'))
 def _fold_block_norms(block: nn.Module) -> None:
     """Fold each conv's BatchNorm (and the downsample's) into the conv, in eval mode."""
     for conv_name, bn_name in NORM_PAIRS:
-        conv, bn = getattr(block, conv_name, None), getattr(block, bn_name, None)
-        fused = None if conv is None or bn is None else fuse_norm(conv, bn)
+        fused = fuse_norm(getattr(block, conv_name, None), getattr(block, bn_name, None))  # None unless foldable
         if fused is not None:
             setattr(block, conv_name, fused)
             setattr(block, bn_name, nn.Identity())
