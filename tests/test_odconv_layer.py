@@ -37,7 +37,7 @@ def test_reproduces_the_official_layer(name):
 SHAPES = [
     (8, 12, 1, 1, 1, 1, 9), (8, 12, 1, 2, 1, 4, 9), (8, 12, 1, 1, 1, 2, 30),
     (8, 12, 3, 1, 1, 1, 9), (8, 12, 3, 2, 1, 1, 11), (8, 12, 3, 1, 1, 4, 10), (8, 12, 3, 2, 1, 2, 9),
-    (8, 12, 3, 1, 1, 4, 8),
+    (8, 12, 3, 1, 1, 4, 8), (8, 32, 3, 1, 1, 4, 6),
     (8, 12, 3, 1, 1, 1, 30), (8, 12, 3, 1, 1, 4, 29), (8, 8, 3, 1, 8, 4, 9), (8, 8, 3, 2, 8, 1, 30),
     (8, 12, 3, 1, 2, 4, 9), (6, 6, 5, 1, 1, 1, 8),
 ]
@@ -88,9 +88,15 @@ def test_inference_without_autograd_equals_official_computation(shape):
 
 
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
-def test_kernels_mixed_a_few_samples_at_a_time_equal_official_computation(train):
-    layer, x = _make_pair((8, 12, 3, 1, 1, 4, 10), 5, train)
-    layer.mixed_kernels_max_bytes = 2 * layer.weight[0].numel() * layer.weight.element_size()  # 2 samples a step
+@pytest.mark.parametrize('shape, batch_size', [((8, 12, 3, 1, 1, 4, 10), 5), ((8, 32, 3, 1, 1, 4, 6), 3)],
+                         ids=['tiles_of_a_few_samples', 'tiles_of_a_few_channels'])
+def test_kernels_mixed_a_tile_at_a_time_equal_official_computation(shape, batch_size, train):
+    # 4 kernels x 32 channels outweigh 3 samples x 36 positions of columns: there the tiles hold all samples
+    layer, x = _make_pair(shape, batch_size, train)
+    layer.stacked_kernels_max_extra_positions = layer.stacked_kernels_max_extra_positions_autograd = 0  # per sample
+    row_bytes = layer.weight[0, 0].numel() * layer.weight.element_size()
+    layer.mixed_kernels_max_bytes = 2 * layer.out_chs * row_bytes  # 2 samples a tile
+    layer.mixed_kernel_blocks_max_bytes = batch_size * 5 * row_bytes  # 5 channels a tile
     _assert_fast_path_equals_official_computation(layer, x)
 
 

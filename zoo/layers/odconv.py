@@ -15,15 +15,14 @@ order: attentions on input and output, per-sample mixed kernels, one conv with `
 * dense k x k kernels on small maps: GEMMs over im2col columns. The spatial and input-channel attentions scale the
   columns instead of the kernel, so one static kernel serves the whole batch in one GEMM. With several kernels, either
   one GEMM with all of them, mixed per sample afterwards (kernel_num times the FLOPs: while the maps are tiny), or one
-  GEMM per sample with its kernel-attention mix of the static kernels, mixed a few samples at a time;
+  GEMM per sample with its kernel-attention mix of the static kernels, mixed a tile of samples x channels at a time;
 * everywhere else, per-sample kernels: for kernels smaller than the feature maps, the input- and output-channel
   attentions are folded into them instead of scaling the maps; 1x1 kernels then run as one batched matmul, the others
   as the official conv over the batch; a kernel that varies with nothing (1x1, kernel_num 1) stays one static conv,
   and a batch of one runs a plain conv with its mixed kernel.
 
-Which form is faster was measured on CPU at batch 16 over the ResNet-18 layer shapes (``COLUMNS_MAX_POSITIONS``,
-``STACKED_KERNELS_MAX_EXTRA_POSITIONS`` and its ``_AUTOGRAD`` twin, ``MIXED_KERNELS_MAX_BYTES``); every form gives
-the official numbers (tests compare forward and gradients).
+Which form is faster was measured on CPU at batch 16 over the ResNet-18 layer shapes (the constants below); every form
+gives the official numbers (tests compare forward and gradients).
 
 For deployment, :meth:`ODConv2d.fuse_output_affine` folds the BatchNorm that follows the layer into it: its scale into
 the static kernels (a per-output-channel scale commutes with every attention), its shift into a bias added last.
@@ -44,12 +43,14 @@ __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 # positions per-sample kernels cost more than im2col columns; on such maps one GEMM with all kernels beats a GEMM per
 # sample while (kernel_num - 1) * positions stays below 100 (7 x 7 maps at kernel_num 2), and below 300 in a training
 # step (7 x 7 at kernel_num 4: 0.20 vs 0.36 s), whose backward through per-sample kernels is slow. Mixed kernels are
-# made at most 24 MiB at a time: fewer passes over the kernel bank, yet below glibc's 32 MiB mmap threshold, beyond
-# which every call pays for fresh pages (2x slower on ResNet-18's last stage at kernel_num 4).
+# made a tile at a time, below glibc's 32 MiB mmap threshold, beyond which every call pays for fresh pages: tiles of a
+# few samples and all channels at most 24 MiB (fewer passes over the kernel bank), tiles of all samples and a block of
+# channels at most 8 MiB (ResNet-18's last stage at kernel_num 4: 0.6x the time of 24 MiB tiles).
 COLUMNS_MAX_POSITIONS = 28 * 28
 STACKED_KERNELS_MAX_EXTRA_POSITIONS = 100
 STACKED_KERNELS_MAX_EXTRA_POSITIONS_AUTOGRAD = 300
 MIXED_KERNELS_MAX_BYTES = 24 * 2 ** 20
+MIXED_KERNEL_BLOCKS_MAX_BYTES = 8 * 2 ** 20
 
 
 class AttentionBatchNorm(nn.BatchNorm1d):
@@ -185,6 +186,7 @@ class ODConv2d(nn.Module):
         self.stacked_kernels_max_extra_positions = STACKED_KERNELS_MAX_EXTRA_POSITIONS
         self.stacked_kernels_max_extra_positions_autograd = STACKED_KERNELS_MAX_EXTRA_POSITIONS_AUTOGRAD
         self.mixed_kernels_max_bytes = MIXED_KERNELS_MAX_BYTES
+        self.mixed_kernel_blocks_max_bytes = MIXED_KERNEL_BLOCKS_MAX_BYTES
         self.attention = OmniAttention(
             in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
             min_channels=min_channels)
@@ -246,7 +248,7 @@ class ODConv2d(nn.Module):
         output-channel attentions."""
         weight = self.weight if kernels is None else torch.einsum('bn,noikl->boikl', kernels, self.weight)
         if spatial is not None:
-            weight = weight * spatial.view(-1, 1, 1, self.kernel_size, self.kernel_size)
+            weight = self._scaled(weight, spatial.view(-1, 1, 1, self.kernel_size, self.kernel_size))
         # the channel attentions are combined first: (B, C_out, C_in / groups) is k * k times smaller than the kernels
         scale: Optional[torch.Tensor] = None
         if channel is not None:
@@ -257,8 +259,13 @@ class ODConv2d(nn.Module):
             per_output = filters.view(-1, self.out_chs, 1)
             scale = per_output if scale is None else scale * per_output
         if scale is not None:
-            weight = weight * scale.view(scale.shape[0], self.out_chs, -1, 1, 1)
+            weight = self._scaled(weight, scale.view(scale.shape[0], self.out_chs, -1, 1, 1))
         return weight
+
+    def _scaled(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``weight * factor``, in place once ``weight`` is this call's own per-sample buffer: allocating a second one
+        doubled the time of the two multiplies (CPU, batch 16)."""
+        return weight * factor if weight is self.weight else weight.mul_(factor)
 
     def _out_size(self, size: int) -> int:
         return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
@@ -311,14 +318,13 @@ class ODConv2d(nn.Module):
         b = x.shape[0]
         ho, wo = self._out_size(x.shape[-2]), self._out_size(x.shape[-1])
         columns = self._columns(x, channel, spatial)
-        weight = self.weight.permute(0, 1, 3, 4, 2).reshape(self.kernel_num, self.out_chs, -1)  # taps outermost too
         if kernels is None:
-            rows = F.linear(columns, weight[0])
+            rows = F.linear(columns, _taps_outermost(self.weight)[0])
         elif self._stacked_kernels_pay_off(x):
-            rows = F.linear(columns, weight.view(self.kernel_num * self.out_chs, -1))
+            rows = F.linear(columns, _taps_outermost(self.weight).view(self.kernel_num * self.out_chs, -1))
             rows = (rows.view(b, ho * wo, self.kernel_num, self.out_chs) * kernels.view(b, 1, -1, 1)).sum(dim=2)
         else:
-            rows = self._per_sample_gemm(columns, weight.view(self.kernel_num, -1), kernels)
+            rows = self._per_sample_gemm(columns, kernels)
         return rows.view(b, ho, wo, self.out_chs).permute(0, 3, 1, 2)  # channels_last memory, no copy
 
     def _columns(self, x: torch.Tensor, channel: torch.Tensor, spatial: Optional[torch.Tensor]) -> torch.Tensor:
@@ -349,16 +355,35 @@ class ODConv2d(nn.Module):
         torch.mul(windows, gate, out=columns)
         return columns.view(b, ho * wo, k * k * c)
 
-    def _per_sample_gemm(self, columns: torch.Tensor, bank: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-        """Rows (B, H' * W', C_out): each sample's columns times its kernel-attention mix of the static kernels
-        ``bank`` (kernel_num, C_out * k * k * C_in, in the columns' order). The mixed kernels are made a few samples at
-        a time (``mixed_kernels_max_bytes``)."""
-        step = max(1, self.mixed_kernels_max_bytes // (bank.shape[1] * bank.element_size()))
-        rows = []
-        for i in range(0, columns.shape[0], step):
-            mixed = torch.mm(kernels[i:i + step], bank).view(-1, self.out_chs, columns.shape[-1])
-            rows.append(torch.bmm(columns[i:i + step], mixed.transpose(1, 2)))
-        return torch.cat(rows)
+    def _per_sample_gemm(self, columns: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        """Rows (B, H' * W', C_out): each sample's columns (B, H' * W', k * k * C_in) times its kernel-attention mix
+        (B, kernel_num) of the static kernels.
+
+        The mixed kernels are made a tile of samples x output channels at a time. Each tile re-reads its samples'
+        columns and its channels' static kernels, so the tiles span all the samples when the static kernels outweigh
+        the columns (kernel_num * C_out > B * H' * W'; ``mixed_kernel_blocks_max_bytes``), all the channels otherwise
+        (``mixed_kernels_max_bytes``).
+        """
+        b, positions, width = columns.shape
+        row_bytes = width * columns.element_size()
+        if self.kernel_num * self.out_chs > b * positions:
+            samples, block = b, max(1, self.mixed_kernel_blocks_max_bytes // (b * row_bytes))
+        else:
+            samples, block = max(1, self.mixed_kernels_max_bytes // (self.out_chs * row_bytes)), self.out_chs
+        rows: List[torch.Tensor] = []
+        for start in range(0, self.out_chs, block):
+            bank = _taps_outermost(self.weight[:, start:start + block]).view(self.kernel_num, -1)
+            tile_rows: List[torch.Tensor] = []
+            for first in range(0, b, samples):
+                mixed = torch.mm(kernels[first:first + samples], bank).view(-1, bank.shape[1] // width, width)
+                tile_rows.append(torch.bmm(columns[first:first + samples], mixed.transpose(1, 2)))
+            rows.append(torch.cat(tile_rows))
+        return torch.cat(rows, dim=2)
+
+
+def _taps_outermost(weight: torch.Tensor) -> torch.Tensor:
+    """Kernels (N, C_out, C_in, k, k) as rows (N, C_out, k * k * C_in), taps outermost like the im2col columns."""
+    return weight.permute(0, 1, 3, 4, 2).reshape(weight.shape[0], weight.shape[1], -1)
 
 
 def odconv_temperature(epoch: float, initial: float = 30., final: float = 1., anneal_epochs: float = 10.) -> float:
