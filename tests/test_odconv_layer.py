@@ -133,7 +133,13 @@ def test_temperature_flattens_the_attentions():
     torch.testing.assert_close(flat.sum(dim=1), torch.ones(3, dtype=flat.dtype))
 
 
-def test_scriptable():
+def test_scripted_layer_equals_eager_in_outputs_and_gradients():
     layer, x = _make_pair((8, 12, 3, 1, 1, 4, 9), 2, train=False)
+    scripted = torch.jit.script(layer)  # shares the parameters; builds the columns without the autograd Function
     with torch.no_grad():
-        torch.testing.assert_close(torch.jit.script(layer)(x), layer(x))
+        torch.testing.assert_close(scripted(x), layer(x))
+    out, grads = _output_and_grads(layer, x, scripted)
+    ref_out, ref_grads = _output_and_grads(layer, x, layer)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)

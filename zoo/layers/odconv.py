@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from timm.layers import register_notrace_module
 
 __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
@@ -335,24 +336,19 @@ class ODConv2d(nn.Module):
         ho, wo = self._out_size(x.shape[-2]), self._out_size(x.shape[-1])
         # one channels-last copy of the input makes every tap below a run of contiguous channel vectors
         padded = F.pad(x, (self.padding,) * 4).permute(0, 2, 3, 1).contiguous()
-        if torch.is_grad_enabled():  # autograd: each scaled tap a result of its own, then stacked
-            channel = channel.view(b, 1, 1, c)
-            taps: List[torch.Tensor] = []
-            for i in range(k):
-                for j in range(k):
-                    scale = channel if spatial is None else channel * spatial[:, i * k + j].view(b, 1, 1, 1)
-                    taps.append(padded[:, i * d:i * d + s * (ho - 1) + 1:s, j * d:j * d + s * (wo - 1) + 1:s] * scale)
-            return torch.stack(taps, dim=3).view(b, ho * wo, k * k * c)
-        # without autograd, one multiply of the overlapping k x k windows (a strided view of the input) writes the
-        # columns in place: a single pass over them
         gate = channel.view(b, 1, 1, 1, 1, c)
         if spatial is not None:
             gate = gate * spatial.view(b, 1, 1, k, k, 1)
         sb, sh, sw = padded.stride(0), padded.stride(1), padded.stride(2)
+        # the overlapping k x k windows of the input, a strided view (B, H', W', k, k, C_in)
         windows = padded.as_strided((b, ho, wo, k, k, c), (sb, s * sh, s * sw, d * sh, d * sw, 1),
                                     padded.storage_offset())
-        columns = torch.empty(windows.shape, dtype=x.dtype, device=x.device)
-        torch.mul(windows, gate, out=columns)
+        if not torch.is_grad_enabled():
+            columns = _windows_times_gate(windows, gate)
+        elif torch.jit.is_scripting():  # autograd through the overlapping view: exact, slower
+            columns = (windows * gate).contiguous()
+        else:
+            columns = _windows_times_gate_with_grad(padded, windows, gate)
         return columns.view(b, ho * wo, k * k * c)
 
     def _per_sample_gemm(self, columns: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -379,6 +375,48 @@ class ODConv2d(nn.Module):
                 tile_rows.append(torch.bmm(columns[first:first + samples], mixed.transpose(1, 2)))
             rows.append(torch.cat(tile_rows))
         return torch.cat(rows, dim=2)
+
+
+def _windows_times_gate(windows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``windows * gate`` as a new contiguous tensor, written in one pass."""
+    columns = torch.empty(windows.shape, dtype=windows.dtype, device=windows.device)
+    return torch.mul(windows, gate, out=columns)
+
+
+class _WindowsTimesGate(torch.autograd.Function):
+    """``windows * gate`` with autograd, ``windows`` being an overlapping strided view of ``padded``: the backward adds
+    each of the k * k taps' gradients into one buffer in place (autograd would zero-pad a copy per tap, or take the
+    slow general path of a view whose elements overlap)."""
+
+    @staticmethod
+    def forward(ctx, padded: torch.Tensor, windows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(padded, gate)
+        ctx.geometry = windows.shape, windows.stride(), windows.storage_offset()
+        return _windows_times_gate(windows, gate)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, Optional[torch.Tensor]]:
+        padded, gate = ctx.saved_tensors
+        size, stride, offset = ctx.geometry
+        offset -= padded.storage_offset()  # of the first window in padded, as in its zero-offset gradient buffer
+        grad_padded = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_padded = torch.zeros_like(padded)
+            tap_size, tap_stride = size[:3] + size[-1:], stride[:3] + stride[-1:]
+            for i in range(size[3]):
+                for j in range(size[4]):
+                    tap = grad_padded.as_strided(tap_size, tap_stride, offset + i * stride[3] + j * stride[4])
+                    tap.addcmul_(grad[:, :, :, i, j], gate[:, :, :, i, j])
+        if ctx.needs_input_grad[2]:
+            windows = padded.as_strided(size, stride, padded.storage_offset() + offset)
+            grad_gate = (grad * windows).sum((1, 2), keepdim=True).sum_to_size(gate.shape)
+        return grad_padded, None, grad_gate
+
+
+@torch.jit.unused  # TorchScript cannot run an autograd.Function: scripted models take the plain multiply
+def _windows_times_gate_with_grad(padded: torch.Tensor, windows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return _WindowsTimesGate.apply(padded, windows, gate)
 
 
 def _taps_outermost(weight: torch.Tensor) -> torch.Tensor:
