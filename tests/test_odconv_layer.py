@@ -33,7 +33,8 @@ def test_reproduces_the_official_layer(name):
 # (in, out, kernel, stride, groups, kernel_num, input size): every computation path, incl. both sides of the
 # small / large feature-map switch (28 x 28 output positions) and, on small maps with several kernels, both the one
 # GEMM with all kernels (5 x 5 output at kernel_num 2) and the GEMM per sample (10 x 10 at kernel_num 4), and 8 x 8 at
-# kernel_num 4, which takes the first with autograd and the second without
+# kernel_num 4, which takes the first with autograd and the second without; at 6 x 6 with 32 output channels the
+# per-sample GEMM's kernel tiles span the samples instead of the channels
 SHAPES = [
     (8, 12, 1, 1, 1, 1, 9), (8, 12, 1, 2, 1, 4, 9), (8, 12, 1, 1, 1, 2, 30),
     (8, 12, 3, 1, 1, 1, 9), (8, 12, 3, 2, 1, 1, 11), (8, 12, 3, 1, 1, 4, 10), (8, 12, 3, 2, 1, 2, 9),

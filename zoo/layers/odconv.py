@@ -399,17 +399,17 @@ class _WindowsTimesGate(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, Optional[torch.Tensor]]:
         padded, gate = ctx.saved_tensors
         size, stride, offset = ctx.geometry
-        offset -= padded.storage_offset()  # of the first window in padded, as in its zero-offset gradient buffer
+        first = offset - padded.storage_offset()  # the first window within padded, and within its gradient buffer
         grad_padded = grad_gate = None
         if ctx.needs_input_grad[0]:
             grad_padded = torch.zeros_like(padded)
             tap_size, tap_stride = size[:3] + size[-1:], stride[:3] + stride[-1:]
             for i in range(size[3]):
                 for j in range(size[4]):
-                    tap = grad_padded.as_strided(tap_size, tap_stride, offset + i * stride[3] + j * stride[4])
+                    tap = grad_padded.as_strided(tap_size, tap_stride, first + i * stride[3] + j * stride[4])
                     tap.addcmul_(grad[:, :, :, i, j], gate[:, :, :, i, j])
         if ctx.needs_input_grad[2]:
-            windows = padded.as_strided(size, stride, padded.storage_offset() + offset)
+            windows = padded.as_strided(size, stride, offset)
             grad_gate = (grad * windows).sum((1, 2), keepdim=True).sum_to_size(gate.shape)
         return grad_padded, None, grad_gate
 
