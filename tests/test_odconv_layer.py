@@ -34,11 +34,12 @@ def test_reproduces_the_official_layer(name):
 # small / large feature-map switch (28 x 28 output positions) and, on small maps with several kernels, both the one
 # GEMM with all kernels (5 x 5 output at kernel_num 2) and the GEMM per sample (10 x 10 at kernel_num 4), and 8 x 8 at
 # kernel_num 4, which takes the first with autograd and the second without; at 6 x 6 with 32 output channels the
-# per-sample GEMM's kernel tiles span the samples instead of the channels
+# per-sample GEMM's kernel tiles span the samples instead of the channels. Without autograd, a static kernel's GEMM
+# runs as a 1x1 conv over the columns at 9 x 9 with 12 output channels, as a GEMM at 6 x 6 with 32
 SHAPES = [
     (8, 12, 1, 1, 1, 1, 9), (8, 12, 1, 2, 1, 4, 9), (8, 12, 1, 1, 1, 2, 30),
-    (8, 12, 3, 1, 1, 1, 9), (8, 12, 3, 2, 1, 1, 11), (8, 12, 3, 1, 1, 4, 10), (8, 12, 3, 2, 1, 2, 9),
-    (8, 12, 3, 1, 1, 4, 8), (8, 32, 3, 1, 1, 4, 6),
+    (8, 12, 3, 1, 1, 1, 9), (8, 32, 3, 1, 1, 1, 6), (8, 12, 3, 2, 1, 1, 11),
+    (8, 12, 3, 1, 1, 4, 10), (8, 12, 3, 2, 1, 2, 9), (8, 12, 3, 1, 1, 4, 8), (8, 32, 3, 1, 1, 4, 6),
     (8, 12, 3, 1, 1, 1, 30), (8, 12, 3, 1, 1, 4, 29), (8, 8, 3, 1, 8, 4, 9), (8, 8, 3, 2, 8, 1, 30),
     (8, 12, 3, 1, 2, 4, 9), (6, 6, 5, 1, 1, 1, 8),
 ]

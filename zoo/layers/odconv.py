@@ -13,9 +13,10 @@ The arithmetic is the official one, reorganised for speed (:meth:`ODConv2d.forwa
 order: attentions on input and output, per-sample mixed kernels, one conv with ``groups = batch * groups``):
 
 * dense k x k kernels on small maps: GEMMs over im2col columns. The spatial and input-channel attentions scale the
-  columns instead of the kernel, so one static kernel serves the whole batch in one GEMM. With several kernels, either
-  one GEMM with all of them, mixed per sample afterwards (kernel_num times the FLOPs: while the maps are tiny), or one
-  GEMM per sample with its kernel-attention mix of the static kernels, mixed a tile of samples x channels at a time;
+  columns instead of the kernel, so one static kernel serves the whole batch in one GEMM (or one 1x1 conv over the
+  columns). With several kernels, either one GEMM with all of them, mixed per sample afterwards (kernel_num times the
+  FLOPs: while the maps are tiny), or one GEMM per sample with its kernel-attention mix of the static kernels, mixed a
+  tile of samples x channels at a time;
 * everywhere else, per-sample kernels: for kernels smaller than the feature maps, the input- and output-channel
   attentions are folded into them instead of scaling the maps; 1x1 kernels then run as one batched matmul, the others
   as the official conv over the batch; a kernel that varies with nothing (1x1, kernel_num 1) stays one static conv,
@@ -46,12 +47,15 @@ __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 # step (7 x 7 at kernel_num 4: 0.20 vs 0.36 s), whose backward through per-sample kernels is slow. Mixed kernels are
 # made a tile at a time, below glibc's 32 MiB mmap threshold, beyond which every call pays for fresh pages: tiles of a
 # few samples and all channels at most 24 MiB (fewer passes over the kernel bank), tiles of all samples and a block of
-# channels at most 8 MiB (ResNet-18's last stage at kernel_num 4: 0.6x the time of 24 MiB tiles).
+# channels at most 8 MiB (ResNet-18's last stage at kernel_num 4: 0.6x the time of 24 MiB tiles). Without autograd, a
+# static kernel's GEMM runs as oneDNN's 1x1 conv over the columns where they have at least 4 rows per output channel
+# (ResNet-18's 14 x 14 stage: 0.92x the time of MKL's GEMM; its 7 x 7 stage, 1.5 rows per channel: 1.1-1.2x).
 COLUMNS_MAX_POSITIONS = 28 * 28
 STACKED_KERNELS_MAX_EXTRA_POSITIONS = 100
 STACKED_KERNELS_MAX_EXTRA_POSITIONS_AUTOGRAD = 300
 MIXED_KERNELS_MAX_BYTES = 24 * 2 ** 20
 MIXED_KERNEL_BLOCKS_MAX_BYTES = 8 * 2 ** 20
+ONE_BY_ONE_CONV_MIN_ROWS_PER_OUTPUT_CHANNEL = 4
 
 
 class AttentionBatchNorm(nn.BatchNorm1d):
@@ -188,6 +192,7 @@ class ODConv2d(nn.Module):
         self.stacked_kernels_max_extra_positions_autograd = STACKED_KERNELS_MAX_EXTRA_POSITIONS_AUTOGRAD
         self.mixed_kernels_max_bytes = MIXED_KERNELS_MAX_BYTES
         self.mixed_kernel_blocks_max_bytes = MIXED_KERNEL_BLOCKS_MAX_BYTES
+        self.one_by_one_conv_min_rows_per_output_channel = ONE_BY_ONE_CONV_MIN_ROWS_PER_OUTPUT_CHANNEL
         self.attention = OmniAttention(
             in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
             min_channels=min_channels)
@@ -319,6 +324,10 @@ class ODConv2d(nn.Module):
         b = x.shape[0]
         ho, wo = self._out_size(x.shape[-2]), self._out_size(x.shape[-1])
         columns = self._columns(x, channel, spatial)
+        if kernels is None and self._one_by_one_conv_pays_off(b * ho * wo):
+            # the columns (B, H', W', k * k * C_in) are an image of k * k * C_in channels in channels-last memory
+            kernel = _taps_outermost(self.weight)[0].view(self.out_chs, -1, 1, 1)
+            return F.conv2d(columns.view(b, ho, wo, -1).permute(0, 3, 1, 2), kernel)
         if kernels is None:
             rows = F.linear(columns, _taps_outermost(self.weight)[0])
         elif self._stacked_kernels_pay_off(x):
@@ -334,8 +343,7 @@ class ODConv2d(nn.Module):
         b, c = x.shape[:2]
         k, d, s = self.kernel_size, self.dilation, self.stride
         ho, wo = self._out_size(x.shape[-2]), self._out_size(x.shape[-1])
-        # one channels-last copy of the input makes every tap below a run of contiguous channel vectors
-        padded = F.pad(x, (self.padding,) * 4).permute(0, 2, 3, 1).contiguous()
+        padded = self._padded_channels_last(x)
         gate = channel.view(b, 1, 1, 1, 1, c)
         if spatial is not None:
             gate = gate * spatial.view(b, 1, 1, k, k, 1)
@@ -350,6 +358,24 @@ class ODConv2d(nn.Module):
         else:
             columns = _windows_times_gate_with_grad(padded, windows, gate)
         return columns.view(b, ho * wo, k * k * c)
+
+    def _one_by_one_conv_pays_off(self, rows: int) -> bool:
+        """Whether the static kernel's GEMM over ``rows`` columns runs faster as oneDNN's 1x1 conv than as MKL's GEMM:
+        without autograd, where the columns outweigh the kernel."""
+        return not torch.is_grad_enabled() and rows >= self.one_by_one_conv_min_rows_per_output_channel * self.out_chs
+
+    def _padded_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) zero-padded, (B, H + 2p, W + 2p, C) contiguous: every tap of a window is then a run of
+        contiguous channel vectors. One copy whatever x's memory format, and only the border zeroed."""
+        b, c, h, w = x.shape
+        p = self.padding
+        padded = x.new_empty((b, h + 2 * p, w + 2 * p, c))
+        padded[:, :p].zero_()
+        padded[:, p + h:].zero_()
+        padded[:, p:p + h, :p].zero_()
+        padded[:, p:p + h, p + w:].zero_()
+        padded[:, p:p + h, p:p + w].copy_(x.permute(0, 2, 3, 1))
+        return padded
 
     def _per_sample_gemm(self, columns: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
         """Rows (B, H' * W', C_out): each sample's columns (B, H' * W', k * k * C_in) times its kernel-attention mix
