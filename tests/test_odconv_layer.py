@@ -89,6 +89,15 @@ def test_inference_without_autograd_equals_official_computation(shape):
         torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'c{}_o{}_k{}_s{}_g{}_n{}_{}px'.format(*s))
+def test_float32_inference_equals_official_computation(shape):
+    # float32 runs on oneDNN / MKL kernels that float64 does not reach (e.g. the 1x1 conv over the columns)
+    layer, x = _make_pair(shape, 3, train=False)
+    layer, x = layer.float(), x.float()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), layer.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
 @pytest.mark.parametrize('shape, batch_size', [((8, 12, 3, 1, 1, 4, 10), 5), ((8, 32, 3, 1, 1, 4, 6), 3)],
                          ids=['tiles_of_a_few_samples', 'tiles_of_a_few_channels'])
