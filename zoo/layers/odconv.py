@@ -324,12 +324,12 @@ class ODConv2d(nn.Module):
         b = x.shape[0]
         ho, wo = self._out_size(x.shape[-2]), self._out_size(x.shape[-1])
         columns = self._columns(x, channel, spatial)
-        if kernels is None and self._one_by_one_conv_pays_off(b * ho * wo):
-            # the columns (B, H', W', k * k * C_in) are an image of k * k * C_in channels in channels-last memory
-            kernel = _taps_outermost(self.weight)[0].view(self.out_chs, -1, 1, 1)
-            return F.conv2d(columns.view(b, ho, wo, -1).permute(0, 3, 1, 2), kernel)
         if kernels is None:
-            rows = F.linear(columns, _taps_outermost(self.weight)[0])
+            kernel = _taps_outermost(self.weight)[0]
+            if self._one_by_one_conv_pays_off(b * ho * wo):
+                # the columns (B, H', W', k * k * C_in) are an image of k * k * C_in channels in channels-last memory
+                return F.conv2d(columns.view(b, ho, wo, -1).permute(0, 3, 1, 2), kernel.view(self.out_chs, -1, 1, 1))
+            rows = F.linear(columns, kernel)
         elif self._stacked_kernels_pay_off(x):
             rows = F.linear(columns, _taps_outermost(self.weight).view(self.kernel_num * self.out_chs, -1))
             rows = (rows.view(b, ho * wo, self.kernel_num, self.out_chs) * kernels.view(b, 1, -1, 1)).sum(dim=2)
