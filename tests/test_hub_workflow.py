@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from zoo.cli import main
+from zoo.hub import export_hub_folder
 from conftest import lay_out_hub_cache, load_reference, run_python_offline, run_zoo, training_checkpoint
 from test_efficientmod import timm_training_checkpoint
 from test_odconv_models import official_training_checkpoint
@@ -217,6 +218,16 @@ def test_force_replaces_an_earlier_export_only(tmp_path):
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     assert (tmp_path / 'out' / 'README.md').read_text() != 'edited'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ck.pth.tar', 'out']  # no backup or temporary left
+
+
+def test_a_channels_last_model_exports_and_stays_channels_last(tmp_path):
+    model = timm.create_model('od_resnet18', num_classes=3).eval().to(memory_format=torch.channels_last)
+    export_hub_folder(model, tmp_path / 'out')
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), model(x), rtol=0, atol=1e-5)
 
 
 def test_ema_weights_are_converted_when_asked_for(tmp_path):

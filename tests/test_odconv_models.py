@@ -1,4 +1,6 @@
 """ODConv ResNets and MobileNetV2s: the official architectures and checkpoints, through timm's public loading path."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -112,3 +114,21 @@ def test_reparameterized_equals_the_training_form(model_name):
         x = torch.randn(batch_size, 3, 128, 128)  # 32 x 32 in the first stage: both the per-sample and the column forms
         with torch.no_grad():
             assert relative_error(fused(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize('model_name', ['od_resnet18', 'od_mobilenetv2_050_4x'])
+def test_channels_last_conversion_keeps_outputs_gradients_and_state_dict(model_name):
+    """timm's --channels-last runs ``model.to(memory_format=torch.channels_last)``, which converts 5-D tensors too:
+    the (kernel_num, C_out, C_in, k, k) kernel banks keep their shape and get taps-outermost memory."""
+    model = with_random_batchnorm_statistics(timm.create_model(model_name)).double()
+    converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    bank = converted.get_submodule('layer1.0.conv1' if model_name.startswith('od_resnet') else 'features.1.conv.1')
+    assert isinstance(bank, ODConv2d) and bank.weight.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    assert {k: v.shape for k, v in converted.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 128, 128, dtype=torch.float64)  # 32 x 32 in the first stage: per-sample and column forms
+    out, out_converted = model(x), converted(x.to(memory_format=torch.channels_last))
+    assert relative_error(out_converted, out) <= 1e-10
+    out.square().sum().backward()
+    out_converted.square().sum().backward()
+    for (name, p), p_converted in zip(model.named_parameters(), converted.parameters()):
+        assert relative_error(p_converted.grad, p.grad) <= 1e-9, name

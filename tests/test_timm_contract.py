@@ -1,6 +1,6 @@
 """Every zoo model honours the model contract of timm's own tests/test_models.py.
 
-Same checks as timm applies to its built-in models: forward, backward with a gradient for every parameter, default
+Same checks as timm applies to its built-in models: forward (also in channels_last memory), backward with a gradient for every parameter, default
 cfgs (pool_size, num_features, head_hidden_size, classifier / first conv names, head resets), TorchScript,
 features_only, forward_intermediates, and torch.fx forward / backward through timm's tracer settings.
 Reparameterized (deploy) forms keep the inference part of it.
@@ -48,6 +48,17 @@ def test_forward(model_name):
     assert out.shape == (1, 1000)
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out_ckpt, out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('model_name', MODELS)
+def test_channels_last_forward_equals_nchw(model_name):
+    """``model.to(memory_format=torch.channels_last)``, as timm's train.py --channels-last runs it."""
+    model = timm.create_model(model_name).eval()
+    x = _input(model, 128, batch_size=2)
+    with torch.no_grad():
+        out = model(x)
+        out_channels_last = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out_channels_last, out, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('model_name', MODELS)

@@ -6,6 +6,7 @@ pretrained cfg with the real preprocessing, plus a ``zoo`` record of the source 
 ``model.safetensors`` (zoo's own keys) and a ``README.md`` model card. After ``import zoo`` it loads with
 ``timm.create_model('local-dir:DIR', pretrained=True)`` or, once published, ``'hf-hub:ORG/NAME'``.
 """
+import copy
 import hashlib
 import json
 import os
@@ -275,6 +276,9 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
     tmp = _prepare_output(out_dir, force, source)
     try:
         record = {'file': Path(source).name, 'sha256': file_sha256(source), 'ema': use_ema} if source else None
+        if not all(t.is_contiguous() for t in model.state_dict().values()):
+            # a channels_last model: safetensors stores contiguous tensors only, and the caller's model stays as it is
+            model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
         save_for_hf(model, str(tmp), safe_serialization=True)
         config = json.loads((tmp / 'config.json').read_text())
         config['zoo'] = {'version': zoo.__version__, **({'source': record} if record else {})}

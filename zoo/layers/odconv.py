@@ -201,6 +201,13 @@ class ODConv2d(nn.Module):
         for kernel in self.weight.data:
             nn.init.kaiming_normal_(kernel, mode='fan_out', nonlinearity='relu')
 
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(memory_format=torch.channels_last) (timm's --channels-last) converts 4-D and 5-D tensors alike
+        # and fails on 5-D ones: the kernel bank (and its gradient) goes through it as (kernel_num * C_out, ...).
+        def fn_4d(t: torch.Tensor) -> torch.Tensor:
+            return fn(t.flatten(0, 1)).view(t.shape) if t.dim() == 5 else fn(t)
+        return super()._apply(fn_4d, recurse)
+
     def extra_repr(self) -> str:
         return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
                 f'padding={self.padding}, groups={self.groups}, kernel_num={self.kernel_num}, '
