@@ -82,6 +82,16 @@ def test_fast_path_equals_official_computation(shape, batch_size, train):
     _assert_fast_path_equals_official_computation(*_make_pair(shape, batch_size, train))
 
 
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'c{}_o{}_k{}_s{}_g{}_n{}_{}px'.format(*s))
+@pytest.mark.parametrize('train', [False, True], ids=['eval', 'train'])
+def test_channels_last_layer_equals_official_computation_and_stays_channels_last(shape, train):
+    layer, x = _make_pair(shape, 3, train)
+    layer, x = layer.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    _assert_fast_path_equals_official_computation(layer, x)
+    with torch.no_grad():
+        assert layer(x).is_contiguous(memory_format=torch.channels_last)
+
+
 # float32 runs on oneDNN / MKL kernels that float64 does not reach (e.g. the 1x1 conv over the columns)
 @pytest.mark.parametrize('dtype, tolerance', [(torch.float64, 1e-10), (torch.float32, 1e-5)],
                          ids=['float64', 'float32'])

