@@ -20,7 +20,9 @@ order: attentions on input and output, per-sample mixed kernels, one conv with `
 * everywhere else, per-sample kernels: for kernels smaller than the feature maps, the input- and output-channel
   attentions are folded into them instead of scaling the maps; 1x1 kernels then run as one batched matmul, the others
   as the official conv over the batch; a kernel that varies with nothing (1x1, kernel_num 1) stays one static conv,
-  and a batch of one runs a plain conv with its mixed kernel.
+  and a batch of one runs a plain conv with its mixed kernel;
+* a channels_last input gives a channels_last output without NCHW round trips: the conv over the batch sees the
+  samples side by side in the channels of one NHWC image, 1x1 kernels multiply rows of positions.
 
 Which form is faster was measured on CPU at batch 16 over the ResNet-18 layer shapes (the constants below); every form
 gives the official numbers (tests compare forward and gradients).
@@ -31,7 +33,7 @@ the static kernels (a per-output-channel scale commutes with every attention), i
 The attention's BatchNorm runs on the pooled (B, C) vectors; in training with a batch of one it normalises with its
 running statistics, where the official layer raises.
 """
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -133,8 +135,9 @@ class OmniAttention(nn.Module):
             torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Attentions over input channels (B, C_in, 1, 1), output channels (B, C_out, 1, 1) or None, kernel
         positions (B, k * k) or None, and kernels (B, kernel_num) or None."""
-        b = x.shape[0]
-        context = self.act(self.bn(F.linear(x.mean((2, 3)), self.fc.weight.flatten(1))))
+        b, _, h, w = x.shape
+        pooled = x.sum((2, 3)) / (h * w)  # the mean; mean's backward writes a full-size gradient, sum's broadcasts
+        context = self.act(self.bn(F.linear(pooled, self.fc.weight.flatten(1))))
         weight, bias = self._head_parameters()
         logits = F.linear(context, weight, bias) / self.temperature
         channel_chs, filter_chs, spatial_chs, kernel_chs = self.head_chs
@@ -201,7 +204,7 @@ class ODConv2d(nn.Module):
         for kernel in self.weight.data:
             nn.init.kaiming_normal_(kernel, mode='fan_out', nonlinearity='relu')
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> 'ODConv2d':
         # nn.Module.to(memory_format=torch.channels_last) (timm's --channels-last) converts 4-D and 5-D tensors alike
         # and fails on 5-D ones: the kernel bank (and its gradient) goes through it as (kernel_num * C_out, ...).
         def fn_4d(t: torch.Tensor) -> torch.Tensor:
@@ -337,7 +340,10 @@ class ODConv2d(nn.Module):
         (1, B * C_in, H, W) image in channels_last memory (H, W, B, C_in), and the output goes back the same way;
         each move copies whole channel vectors (NCHW round trips: 1.3x the time, CPU)."""
         b, c, h, w = x.shape
-        image = x.permute(2, 3, 0, 1).reshape(1, h, w, b * c).permute(0, 3, 1, 2)
+        if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_scripting():
+            image = _samples_into_channels_with_grad(x)
+        else:
+            image = _samples_into_channels(x)
         weight = weight.reshape(b * self.out_chs, c // self.groups, self.kernel_size, self.kernel_size)
         out = F.conv2d(image, weight.contiguous(memory_format=torch.channels_last),
                        None if bias is None else bias.repeat(b), self.stride, self.padding, self.dilation,
@@ -440,6 +446,33 @@ class ODConv2d(nn.Module):
 def _is_channels_last(x: torch.Tensor) -> bool:
     """Whether x (B, C, H, W) lies in channels_last memory and not also in NCHW (a 1 x 1 map is both)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _samples_into_channels(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W) as one image (1, B * C, H, W) in channels_last memory (H, W, B, C): one copy."""
+    b, c, h, w = x.shape
+    return x.permute(2, 3, 0, 1).reshape(1, h, w, b * c).permute(0, 3, 1, 2)
+
+
+class _SamplesIntoChannels(torch.autograd.Function):
+    """:func:`_samples_into_channels` whose backward hands back a channels_last gradient: autograd's own is a
+    permuted view of the (H, W, B, C) one, on which the BatchNorm backward before this layer took 5-10x its time."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        return _samples_into_channels(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = ctx.shape
+        per_sample = grad.permute(0, 2, 3, 1).reshape(h, w, b, c).permute(2, 3, 0, 1)
+        return per_sample.contiguous(memory_format=torch.channels_last)
+
+
+@torch.jit.unused  # TorchScript cannot run an autograd.Function: scripted models take autograd's gradient
+def _samples_into_channels_with_grad(x: torch.Tensor) -> torch.Tensor:
+    return _SamplesIntoChannels.apply(x)
 
 
 def _windows_times_gate(windows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
