@@ -159,3 +159,20 @@ def test_scripted_layer_equals_eager_in_outputs_and_gradients():
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_compiled_layer_equals_eager_in_outputs_and_gradients(memory_format):
+    """torch.compile (inductor, one graph per input shape): the columns without autograd, the columns' autograd
+    fallback with it; at 30 x 30 the per-sample kernels (channels_last: the samples in the channels)."""
+    for shape in ((8, 12, 3, 1, 1, 1, 9), (8, 12, 3, 1, 1, 1, 30)):
+        layer, x = _make_pair(shape, 2, train=False)
+        layer, x = layer.to(memory_format=memory_format), x.to(memory_format=memory_format)
+        compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-10, atol=1e-10)
+        out, grads = _output_and_grads(layer, x, compiled)
+        ref_out, ref_grads = _output_and_grads(layer, x, layer)
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+        for grad, ref_grad in zip(grads, ref_grads):
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)

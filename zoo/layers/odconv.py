@@ -389,11 +389,12 @@ class ODConv2d(nn.Module):
             gate = gate * spatial.view(b, 1, 1, k, k, 1)
         sb, sh, sw = padded.stride(0), padded.stride(1), padded.stride(2)
         # the overlapping k x k windows of the input, a strided view (B, H', W', k, k, C_in)
-        windows = padded.as_strided((b, ho, wo, k, k, c), (sb, s * sh, s * sw, d * sh, d * sw, 1),
-                                    padded.storage_offset())
+        windows = padded.as_strided((b, ho, wo, k, k, c), (sb, s * sh, s * sw, d * sh, d * sw, 1))
         if not torch.is_grad_enabled():
             columns = _windows_times_gate(windows, gate)
-        elif torch.jit.is_scripting():  # autograd through the overlapping view: exact, slower
+        elif torch.jit.is_scripting() or torch.compiler.is_compiling():
+            # autograd through the overlapping view: exact, slower; the Function's in-place backward into overlapping
+            # views of one buffer is beyond TorchScript and mis-traced by torch.compile (wrong input gradient)
             columns = (windows * gate).contiguous()
         else:
             columns = _windows_times_gate_with_grad(padded, windows, gate)
@@ -477,37 +478,38 @@ def _samples_into_channels_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def _windows_times_gate(windows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``windows * gate`` as a new contiguous tensor, written in one pass."""
+    if torch.compiler.is_compiling():  # inductor fuses the copy into the multiply, and loses track of out='s strides
+        return (windows * gate).contiguous()
     columns = torch.empty(windows.shape, dtype=windows.dtype, device=windows.device)
     return torch.mul(windows, gate, out=columns)
 
 
 class _WindowsTimesGate(torch.autograd.Function):
-    """``windows * gate`` with autograd, ``windows`` being an overlapping strided view of ``padded``: the backward adds
-    each of the k * k taps' gradients into one buffer in place (autograd would zero-pad a copy per tap, or take the
-    slow general path of a view whose elements overlap)."""
+    """``windows * gate`` with autograd, ``windows`` being an overlapping strided view of ``padded`` from its first
+    element: the backward adds each of the k * k taps' gradients into one buffer in place (autograd would zero-pad a
+    copy per tap, or take the slow general path of a view whose elements overlap)."""
 
     @staticmethod
     def forward(ctx, padded: torch.Tensor, windows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(padded, gate)
-        ctx.geometry = windows.shape, windows.stride(), windows.storage_offset()
+        ctx.geometry = windows.shape, windows.stride()
         return _windows_times_gate(windows, gate)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, Optional[torch.Tensor]]:
         padded, gate = ctx.saved_tensors
-        size, stride, offset = ctx.geometry
-        first = offset - padded.storage_offset()  # the first window within padded, and within its gradient buffer
+        size, stride = ctx.geometry
         grad_padded = grad_gate = None
         if ctx.needs_input_grad[0]:
             grad_padded = torch.zeros_like(padded)
             tap_size, tap_stride = size[:3] + size[-1:], stride[:3] + stride[-1:]
             for i in range(size[3]):
                 for j in range(size[4]):
-                    tap = grad_padded.as_strided(tap_size, tap_stride, first + i * stride[3] + j * stride[4])
+                    tap = grad_padded.as_strided(tap_size, tap_stride, i * stride[3] + j * stride[4])
                     tap.addcmul_(grad[:, :, :, i, j], gate[:, :, :, i, j])
         if ctx.needs_input_grad[2]:
-            windows = padded.as_strided(size, stride, offset)
+            windows = padded.as_strided(size, stride)
             grad_gate = (grad * windows).sum((1, 2), keepdim=True).sum_to_size(gate.shape)
         return grad_padded, None, grad_gate
 
