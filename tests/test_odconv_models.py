@@ -124,7 +124,8 @@ def test_channels_last_conversion_keeps_outputs_gradients_and_state_dict(model_n
     converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
     bank = converted.get_submodule('layer1.0.conv1' if model_name.startswith('od_resnet') else 'features.1.conv.1')
     assert isinstance(bank, ODConv2d) and bank.weight.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
-    assert {k: v.shape for k, v in converted.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in converted.state_dict().items()} == shapes
     x = torch.randn(2, 3, 128, 128, dtype=torch.float64)  # 32 x 32 in the first stage: per-sample and column forms
     out, out_converted = model(x), converted(x.to(memory_format=torch.channels_last))
     assert relative_error(out_converted, out) <= 1e-10

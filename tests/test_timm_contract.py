@@ -1,8 +1,9 @@
 """Every zoo model honours the model contract of timm's own tests/test_models.py.
 
-Same checks as timm applies to its built-in models: forward (also in channels_last memory), backward with a gradient for every parameter, default
-cfgs (pool_size, num_features, head_hidden_size, classifier / first conv names, head resets), TorchScript,
-features_only, forward_intermediates, and torch.fx forward / backward through timm's tracer settings.
+Same checks as timm applies to its built-in models: forward (also in channels_last memory), backward with a gradient
+for every parameter, default cfgs (pool_size, num_features, head_hidden_size, classifier / first conv names, head
+resets), TorchScript, features_only, forward_intermediates, and torch.fx forward / backward through timm's tracer
+settings.
 Reparameterized (deploy) forms keep the inference part of it.
 """
 import math
