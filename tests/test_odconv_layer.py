@@ -65,14 +65,18 @@ def _output_and_grads(layer, x, forward):
     return out.detach(), grads
 
 
-def _assert_fast_path_equals_official_computation(layer: ODConv2d, x: torch.Tensor) -> None:
+def _assert_same_outputs_and_grads(layer: ODConv2d, x: torch.Tensor, forward, reference_forward) -> None:
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    out, grads = _output_and_grads(layer, x, layer)
+    out, grads = _output_and_grads(layer, x, forward)
     layer.load_state_dict(state)  # undo the running-statistics update of the first pass
-    ref_out, ref_grads = _output_and_grads(layer, x, layer.forward_reference)
+    ref_out, ref_grads = _output_and_grads(layer, x, reference_forward)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for grad, ref_grad in zip(grads, ref_grads):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)
+
+
+def _assert_fast_path_equals_official_computation(layer: ODConv2d, x: torch.Tensor) -> None:
+    _assert_same_outputs_and_grads(layer, x, layer, layer.forward_reference)
 
 
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'c{}_o{}_k{}_s{}_g{}_n{}_{}px'.format(*s))
@@ -154,11 +158,7 @@ def test_scripted_layer_equals_eager_in_outputs_and_gradients():
     scripted = torch.jit.script(layer)  # shares the parameters; builds the columns without the autograd Function
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), layer(x))
-    out, grads = _output_and_grads(layer, x, scripted)
-    ref_out, ref_grads = _output_and_grads(layer, x, layer)
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-    for grad, ref_grad in zip(grads, ref_grads):
-        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)
+    _assert_same_outputs_and_grads(layer, x, scripted, layer)
 
 
 @pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
@@ -171,8 +171,4 @@ def test_compiled_layer_equals_eager_in_outputs_and_gradients(memory_format):
         compiled = torch.compile(layer, fullgraph=True, dynamic=False)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), layer(x), rtol=1e-10, atol=1e-10)
-        out, grads = _output_and_grads(layer, x, compiled)
-        ref_out, ref_grads = _output_and_grads(layer, x, layer)
-        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-        for grad, ref_grad in zip(grads, ref_grads):
-            torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-10)
+        _assert_same_outputs_and_grads(layer, x, compiled, layer)

@@ -339,7 +339,7 @@ class ODConv2d(nn.Module):
         """The conv over the batch for a channels_last x: the samples lie side by side in the channels of one
         (1, B * C_in, H, W) image in channels_last memory (H, W, B, C_in), and the output goes back the same way;
         each move copies whole channel vectors (NCHW round trips: 1.3x the time, CPU)."""
-        b, c, h, w = x.shape
+        b, c = x.shape[0], x.shape[1]
         if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_scripting():
             image = _samples_into_channels_with_grad(x)
         else:
@@ -348,9 +348,7 @@ class ODConv2d(nn.Module):
         out = F.conv2d(image, weight.contiguous(memory_format=torch.channels_last),
                        None if bias is None else bias.repeat(b), self.stride, self.padding, self.dilation,
                        self.groups * b)
-        ho, wo = out.shape[-2], out.shape[-1]
-        per_position = out.permute(0, 2, 3, 1).reshape(ho, wo, b, self.out_chs)
-        return per_position.permute(2, 0, 1, 3).contiguous().permute(0, 3, 1, 2)
+        return _channels_into_samples(out, b)
 
     def _columns_conv(self, x: torch.Tensor, channel: torch.Tensor, spatial: Optional[torch.Tensor],
                       kernels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -455,20 +453,25 @@ def _samples_into_channels(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 3, 0, 1).reshape(1, h, w, b * c).permute(0, 3, 1, 2)
 
 
+def _channels_into_samples(image: torch.Tensor, b: int) -> torch.Tensor:
+    """The inverse of :func:`_samples_into_channels`: (1, B * C, H, W) -> (B, C, H, W) in channels_last memory."""
+    _, bc, h, w = image.shape
+    per_position = image.permute(0, 2, 3, 1).reshape(h, w, b, bc // b)
+    return per_position.permute(2, 3, 0, 1).contiguous(memory_format=torch.channels_last)
+
+
 class _SamplesIntoChannels(torch.autograd.Function):
     """:func:`_samples_into_channels` whose backward hands back a channels_last gradient: autograd's own is a
     permuted view of the (H, W, B, C) one, on which the BatchNorm backward before this layer took 5-10x its time."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.shape = x.shape
+        ctx.batch = x.shape[0]
         return _samples_into_channels(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = ctx.shape
-        per_sample = grad.permute(0, 2, 3, 1).reshape(h, w, b, c).permute(2, 3, 0, 1)
-        return per_sample.contiguous(memory_format=torch.channels_last)
+        return _channels_into_samples(grad, ctx.batch)
 
 
 @torch.jit.unused  # TorchScript cannot run an autograd.Function: scripted models take autograd's gradient
