@@ -4,25 +4,15 @@ import torch
 import timm
 from safetensors.torch import save_file
 
-from zoo.convert import CheckpointError, CheckpointMismatchError, convert_van, read_checkpoint
-from conftest import training_checkpoint
-
-
-class _RunsCodeWhenUnpickled:
-    """Pickles as a call to ``open(marker, 'w')``: loading it with plain pickle would create the marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, 'w')
+from zoo.convert import CheckpointError, CheckpointMismatchError, VAN_LAYOUTS, read_checkpoint
+from helpers import RunsCodeWhenUnpickled, van_training_checkpoint
 
 
 @pytest.fixture
 def malicious_checkpoint(tmp_path):
     marker = tmp_path / 'code_ran'
     path = tmp_path / 'van_tiny_754.pth.tar'
-    torch.save({'state_dict': {'w': torch.zeros(1)}, 'args': _RunsCodeWhenUnpickled(marker)}, path)
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'args': RunsCodeWhenUnpickled(marker)}, path)
     return path, marker
 
 
@@ -43,7 +33,7 @@ class TestReader:
         assert not marker.exists()
 
     def test_reads_training_checkpoints_with_args_namespace(self, tmp_path, van_b0_state_dict):
-        torch.save(training_checkpoint(van_b0_state_dict), tmp_path / 'ck.pth.tar')
+        torch.save(van_training_checkpoint(van_b0_state_dict), tmp_path / 'ck.pth.tar')
         checkpoint = read_checkpoint(tmp_path / 'ck.pth.tar')
         assert checkpoint['args'].model == 'van_b0'
 
@@ -81,7 +71,7 @@ class TestPublicLoadingPath:
         assert not marker.exists()
 
     def test_truncated_file(self, tmp_path, van_b0_state_dict):
-        torch.save(training_checkpoint(van_b0_state_dict), tmp_path / 'full.pth.tar')
+        torch.save(van_training_checkpoint(van_b0_state_dict), tmp_path / 'full.pth.tar')
         data = (tmp_path / 'full.pth.tar').read_bytes()
         (tmp_path / 'cut.pth.tar').write_bytes(data[:len(data) // 3])
         with pytest.raises(CheckpointError, match=r'cut\.pth\.tar: not a readable .* \(truncated or damaged\?\)'):
@@ -99,17 +89,16 @@ class TestPublicLoadingPath:
     def test_missing_keys_are_named_with_the_detected_layout(self, tmp_path, van_b0_state_dict):
         del van_b0_state_dict['block4.1.mlp.fc2.weight']
         del van_b0_state_dict['norm4.bias']
-        torch.save(training_checkpoint(van_b0_state_dict), tmp_path / 'partial.pth.tar')
+        torch.save(van_training_checkpoint(van_b0_state_dict), tmp_path / 'partial.pth.tar')
         with pytest.raises(CheckpointMismatchError) as error:
             _load(tmp_path / 'partial.pth.tar')
         assert 'detected layout: official' in str(error.value)
         assert error.value.missing == ['stages.3.blocks.1.mlp.fc2.weight', 'stages.3.norm.bias']
 
     def test_checkpoint_of_another_size_names_both_shapes(self, van_b0_state_dict):
-        with torch.device('meta'):
-            van_b1 = timm.create_model('van_b1')
+        van_b1 = timm.create_model('van_b1', device='meta')
         with pytest.raises(CheckpointMismatchError) as error:
-            convert_van(van_b0_state_dict, van_b1)
+            VAN_LAYOUTS.convert(van_b0_state_dict, van_b1)
         assert ('stages.0.downsample.conv.weight', (32, 3, 7, 7), (64, 3, 7, 7)) in error.value.mismatched
         assert 'stages.0.blocks.2.attn.proj1.weight' in error.value.unexpected  # b0 has 3 blocks in stage 0, b1 two
         assert 'stages.0.blocks.0.attn.proj1.weight: checkpoint (32, 32, 1, 1) vs model (64, 64, 1, 1)' \
@@ -117,11 +106,10 @@ class TestPublicLoadingPath:
 
     def test_unexpected_keys_are_named(self, van_b0_state_dict):
         van_b0_state_dict['block1.0.attn.extra.weight'] = torch.zeros(1)
-        with torch.device('meta'):
-            model = timm.create_model('van_b0')
+        model = timm.create_model('van_b0', device='meta')
         with pytest.raises(CheckpointMismatchError, match=r"unexpected \[stages\.0\.blocks\.0\.attn\.extra\.weight\]"):
-            convert_van(van_b0_state_dict, model)
+            VAN_LAYOUTS.convert(van_b0_state_dict, model)
 
     def test_container_without_a_state_dict(self):
         with pytest.raises(CheckpointError, match='not tensors'):
-            convert_van({'epoch': 3, 'acc': 75.0}, timm.create_model('van_b0'))
+            VAN_LAYOUTS.convert({'epoch': 3, 'acc': 75.0}, timm.create_model('van_b0', device='meta'))

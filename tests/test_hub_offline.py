@@ -8,7 +8,8 @@ import re
 
 import torch
 
-from conftest import lay_out_hub_cache, run_python_offline, torch_bytes, training_checkpoint
+from helpers import (lay_out_hub_cache, official_state_dict_keys, run_python_offline, torch_bytes,
+                     van_training_checkpoint)
 
 # official VAN-Classification keys -> transformers VanForImageClassification keys, written from the transformers
 # module names; test_inverse_table_yields_the_published_transformers_keys checks it against the published key set
@@ -45,7 +46,8 @@ def as_transformers_layout(state_dict):
     return out
 
 
-def test_inverse_table_yields_the_published_transformers_keys(official_keys):
+def test_inverse_table_yields_the_published_transformers_keys():
+    official_keys = official_state_dict_keys()
     official = {k: torch.empty(s) for k, s in official_keys['van/van_b0'].items()}
     converted = {k: list(v.shape) for k, v in as_transformers_layout(official).items()}
     assert converted == official_keys['transformers/van-tiny']
@@ -77,7 +79,7 @@ def test_pretrained_loads_the_transformers_repo_from_the_hub_cache(tmp_path, ref
 
 
 def test_pretrained_loads_the_original_training_checkpoint_from_the_hub_cache(tmp_path, reference):
-    checkpoint = training_checkpoint(reference('van_b0').state_dict)
+    checkpoint = van_training_checkpoint(reference('van_b0').state_dict)
     lay_out_hub_cache(tmp_path / 'hub', 'Visual-Attention-Network/VAN-Tiny-original',
                       {'van_tiny_754.pth.tar': torch_bytes(checkpoint)})
     overlay = dict(hf_hub_id='Visual-Attention-Network/VAN-Tiny-original', hf_hub_filename='van_tiny_754.pth.tar')

@@ -10,9 +10,8 @@ from PIL import Image
 
 from zoo.cli import main
 from zoo.hub import export_hub_folder
-from conftest import lay_out_hub_cache, load_reference, run_python_offline, run_zoo, training_checkpoint
-from test_efficientmod import timm_training_checkpoint
-from test_odconv_models import official_training_checkpoint
+from helpers import (RunsCodeWhenUnpickled, efficientmod_training_checkpoint, lay_out_hub_cache, load_reference,
+                     odconv_training_checkpoint, run_python_offline, run_zoo, run_zoo_here, van_training_checkpoint)
 
 
 def _official_case(name: str, container):
@@ -32,10 +31,10 @@ def _xvolution_case():
 
 
 CASES = {  # one model of each family: (MODEL[.TAG], checkpoint container, inputs, expected logits)
-    'van': lambda: ('van_b0.in1k', *_official_case('van_b0', training_checkpoint)),
-    'odconv': lambda: ('od_resnet18.in1k', *_official_case('od_resnet18', official_training_checkpoint)),
+    'van': lambda: ('van_b0.in1k', *_official_case('van_b0', van_training_checkpoint)),
+    'odconv': lambda: ('od_resnet18.in1k', *_official_case('od_resnet18', odconv_training_checkpoint)),
     'efficientmod': lambda: ('efficientmod_xxs.in1k', *_official_case(
-        'efficientmod_xxs', lambda sd: timm_training_checkpoint(sd, {k: v * 0.5 for k, v in sd.items()}))),
+        'efficientmod_xxs', lambda sd: efficientmod_training_checkpoint(sd, {k: v * 0.5 for k, v in sd.items()}))),
     'xvolution': lambda: ('xvolution_resnet34', *_xvolution_case()),
 }
 
@@ -55,7 +54,8 @@ with torch.no_grad():
 '''
 
 
-@pytest.mark.parametrize('family', CASES)
+@pytest.mark.parametrize('family', [family if family == 'van' else pytest.param(family, marks=pytest.mark.slow)
+                                    for family in CASES])
 def test_official_checkpoint_to_hub_folder_to_users(tmp_path, family):
     model_name, checkpoint, x, expected = CASES[family]()
     torch.save(checkpoint, tmp_path / 'checkpoint.pth.tar')
@@ -85,8 +85,8 @@ def test_official_checkpoint_to_hub_folder_to_users(tmp_path, family):
 def van_export(tmp_path_factory):
     """A folder converted from the official VAN-B0 training checkpoint."""
     tmp = tmp_path_factory.mktemp('van_export')
-    torch.save(training_checkpoint(load_reference('van_b0').state_dict), tmp / 'van_tiny_754.pth.tar')
-    result = run_zoo('convert', 'van_b0.in1k', tmp / 'van_tiny_754.pth.tar', '--out', tmp / 'van_b0-in1k')
+    torch.save(van_training_checkpoint(load_reference('van_b0').state_dict), tmp / 'van_tiny_754.pth.tar')
+    result = run_zoo_here('convert', 'van_b0.in1k', tmp / 'van_tiny_754.pth.tar', '--out', tmp / 'van_b0-in1k')
     assert result.returncode == 0, result.stderr
     return tmp / 'van_b0-in1k'
 
@@ -99,14 +99,14 @@ def image_file(tmp_path):
 
 
 def test_publish_dry_run_accepts_the_folder_and_lists_what_it_would_upload(van_export):
-    result = run_zoo('publish', van_export, '--repo-id', 'someone/van_b0.in1k', '--dry-run')
+    result = run_zoo_here('publish', van_export, '--repo-id', 'someone/van_b0.in1k', '--dry-run')
     assert result.returncode == 0, result.stderr
     assert 'would upload to https://huggingface.co/someone/van_b0.in1k' in result.stdout
     assert all(name in result.stdout for name in ('config.json', 'model.safetensors', 'README.md'))
 
 
 def test_predict_prints_the_top_k_imagenet_classes(van_export, image_file):
-    result = run_zoo('predict', f'local-dir:{van_export}', image_file, '--top-k', '3')
+    result = run_zoo_here('predict', f'local-dir:{van_export}', image_file, '--top-k', '3')
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == str(image_file) and len(lines) == 4
@@ -117,23 +117,23 @@ def test_predict_prints_the_top_k_imagenet_classes(van_export, image_file):
 
 
 def test_predict_with_a_checkpoint_file_keeps_its_classes(tmp_path, image_file):
-    torch.save(official_training_checkpoint(load_reference('od_resnet18').state_dict), tmp_path / 'od.pth.tar')
-    result = run_zoo('predict', 'od_resnet18', image_file, '--checkpoint', tmp_path / 'od.pth.tar', '--top-k', '2')
+    torch.save(odconv_training_checkpoint(load_reference('od_resnet18').state_dict), tmp_path / 'od.pth.tar')
+    result = run_zoo_here('predict', 'od_resnet18', image_file, '--checkpoint', tmp_path / 'od.pth.tar', '--top-k', '2')
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3
     fine_tuned = timm.create_model('van_b0', num_classes=4).state_dict()
     torch.save(fine_tuned, tmp_path / 'pets.pth')
-    result = run_zoo('predict', 'van_b0', image_file, '--checkpoint', tmp_path / 'pets.pth', '--top-k', '9')
+    result = run_zoo_here('predict', 'van_b0', image_file, '--checkpoint', tmp_path / 'pets.pth', '--top-k', '9')
     assert result.returncode == 0, result.stderr
     assert sorted(line.split('%')[1].strip() for line in result.stdout.splitlines()[1:]) == ['0', '1', '2', '3']
 
 
 def test_info_shows_preprocessing_features_and_weights():
-    result = run_zoo('info', 'efficientmod_s.in1k')
+    result = run_zoo_here('info', 'efficientmod_s.in1k')
     assert result.returncode == 0, result.stderr
     assert 'bicubic, crop_pct 0.875' in result.stdout
     assert '312 channels at stride 32' in result.stdout and 'drive.google.com' in result.stdout
-    as_json = json.loads(run_zoo('info', 'van_b0', '--json').stdout)
+    as_json = json.loads(run_zoo_here('info', 'van_b0', '--json').stdout)
     assert as_json['params_m'] == 4.106 and len(as_json['feature_info']) == 4
 
 
@@ -144,21 +144,13 @@ def test_every_subcommand_has_help_with_examples(command, capsys):
     assert exit_info.value.code == 0 and 'examples:' in capsys.readouterr().out
 
 
-class _RunsCodeWhenUnpickled:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, 'w')
-
-
 def _bad_inputs(tmp_path, van_export):
     """(name, argv, expected message) of each way a user can get it wrong."""
     good = tmp_path / 'good.pth.tar'
-    torch.save(training_checkpoint(load_reference('van_b0').state_dict), good)
+    torch.save(van_training_checkpoint(load_reference('van_b0').state_dict), good)
     (tmp_path / 'notes.pth').write_text('these are not weights')
     (tmp_path / 'cut.pth').write_bytes(good.read_bytes()[:4096])
-    torch.save({'state_dict': {}, 'args': _RunsCodeWhenUnpickled(tmp_path / 'code_ran')}, tmp_path / 'evil.pth')
+    torch.save({'state_dict': {}, 'args': RunsCodeWhenUnpickled(tmp_path / 'code_ran')}, tmp_path / 'evil.pth')
     torch.save(timm.create_model('resnet18').state_dict(), tmp_path / 'resnet18.pth')
     (tmp_path / 'occupied').mkdir()
     (tmp_path / 'occupied' / 'keep.txt').write_text('mine')
@@ -210,7 +202,7 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
 
 
 def test_force_replaces_an_earlier_export_only(tmp_path):
-    torch.save(training_checkpoint(load_reference('van_b0').state_dict), tmp_path / 'ck.pth.tar')
+    torch.save(van_training_checkpoint(load_reference('van_b0').state_dict), tmp_path / 'ck.pth.tar')
     convert = ['convert', 'van_b0', str(tmp_path / 'ck.pth.tar'), '--out', str(tmp_path / 'out')]
     assert main(convert) == 0
     (tmp_path / 'out' / 'README.md').write_text('edited')
@@ -233,7 +225,7 @@ def test_a_channels_last_model_exports_and_stays_channels_last(tmp_path):
 def test_ema_weights_are_converted_when_asked_for(tmp_path):
     ref = load_reference('efficientmod_xxs')
     ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in ref.state_dict.items()}
-    torch.save(timm_training_checkpoint(ref.state_dict, ema), tmp_path / 'best.pth.tar')
+    torch.save(efficientmod_training_checkpoint(ref.state_dict, ema), tmp_path / 'best.pth.tar')
     assert main(['convert', 'efficientmod_xxs', str(tmp_path / 'best.pth.tar'), '--out', str(tmp_path / 'ema'),
                  '--ema']) == 0
     config = json.loads((tmp_path / 'ema' / 'config.json').read_text())

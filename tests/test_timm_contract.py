@@ -18,7 +18,10 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from zoo.models import list_zoo_models
 
-MODELS = list_zoo_models()
+# the quick tier (-m "not slow") checks the smallest model of each family; the full run checks all 29
+QUICK = ('van_b0', 'od_resnet18', 'od_mobilenetv2_050_4x', 'efficientmod_xxs', 'xvolution_resnet34',
+         'xvolution_sa_resnet34')
+MODELS = [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in list_zoo_models()]
 
 
 def _input(model: torch.nn.Module, target: int, batch_size: int = 1) -> torch.Tensor:
@@ -34,8 +37,13 @@ def _fx_model(model: torch.nn.Module) -> torch.nn.Module:
         model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
 
 
-def test_every_family_is_registered():
-    assert {'van_b0', 'van_b1', 'van_b2', 'van_b3', 'van_b4', 'van_b5', 'van_b6'} <= set(MODELS)
+def test_every_model_name_of_the_design_is_registered():
+    expected = {f'van_b{i}' for i in range(7)} | {'efficientmod_xxs', 'efficientmod_xs', 'efficientmod_s',
+                                                   'efficientmod_s_conv'}
+    expected |= {f'od_resnet{d}{k}' for d in (18, 34, 50) for k in ('', '_4x')} | {'od_resnet101', 'od_resnet101_2x'}
+    expected |= {f'od_mobilenetv2_{w}{k}' for w in ('050', '075', '100') for k in ('', '_4x')}
+    expected |= {f'xvolution{a}_resnet{d}' for a in ('', '_sa') for d in (34, 50)}
+    assert set(list_zoo_models()) == expected
 
 
 @pytest.mark.parametrize('model_name', MODELS)

@@ -1,12 +1,12 @@
 """zoo: VAN, ODConv, EfficientMod and X-volution backbones as first-class timm models.
 
-``import zoo`` registers every model with timm (``timm.create_model('van_b0', pretrained=True)``) and the checkpoint
-converters that load the official weights. Layering, each importing only those below it::
+``import zoo`` registers every model with timm (``timm.create_model('van_b0', pretrained=True)``); each model file
+reads the official checkpoints of its family through the conversion layer. Layering, each importing only those below
+it::
 
-    layers (operators) <- models (one file per family) <- convert <- hub, predict <- cli
+    cli -> catalogue, hub, predict -> models (one file per family) -> convert (checkpoint layouts), layers (operators)
 """
 from . import models
-from . import convert
 from .convert import CheckpointError, read_checkpoint
 from .layers import odconv_temperature, set_temperature
 

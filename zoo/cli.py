@@ -1,5 +1,6 @@
-"""The ``zoo`` command: argument parsing and output only; the work is done by the library (``zoo.hub``,
-``zoo.predict``). A user error ends in one line on stderr and exit status 1, never a traceback."""
+"""The ``zoo`` command: argument parsing and output only; the work is done by the library (``zoo.catalogue``,
+``zoo.hub``, ``zoo.predict``, ``zoo.models``). A user error ends in one line on stderr and exit status 1, never a
+traceback."""
 import argparse
 import json
 import sys
@@ -17,7 +18,7 @@ EXAMPLES = """examples:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from zoo.hub import summarize_models
+    from zoo.catalogue import summarize_models
     summaries = summarize_models(args.pattern)
     if not summaries:
         return _fail(f'no model matches {args.pattern!r}; `zoo list` shows them all')
@@ -31,7 +32,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from zoo.hub import model_info
+    from zoo.catalogue import model_info
     info = model_info(args.model)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -46,7 +47,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {i}: {f['num_chs']} channels at stride {f['reduction']} ({f['module']})")
     entry = info['manifest']
     if entry:
-        from zoo.hub import weights_location
+        from zoo.models import weights_location
         print(f"weights: {weights_location(entry)}; top-1 {entry['top1']} (reported); license {entry['license']}")
     else:
         print('weights: none published for this tag')
@@ -54,10 +55,12 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from zoo.hub import check_output_folder, convert_checkpoint, export_hub_folder
+    from zoo.hub import check_output_folder, export_hub_folder
+    from zoo.models import create_model_from_checkpoint, resolve_model_name
+    resolve_model_name(args.model)
     check_output_folder(args.out, args.force, args.checkpoint)  # before the slow part
     with _progress(2, 'convert') as steps:
-        model = convert_checkpoint(args.model, args.checkpoint, use_ema=args.ema)
+        model = create_model_from_checkpoint(args.model, args.checkpoint, pretrained_use_ema=args.ema).eval()
         steps.update()
         report = export_hub_folder(model, args.out, source=args.checkpoint, use_ema=args.ema,
                                    repo_hint=args.repo_id or 'ORG/NAME', force=args.force, verify=args.verify)
@@ -81,20 +84,10 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import timm
-    from zoo.hub import convert_checkpoint, resolve_model_name
-    from zoo.predict import classify_images, load_image
+    from zoo.predict import classify_images, load_image, load_model
     for path in args.images:  # every file is checked before any work
         load_image(path)
-    hub_or_folder = args.model.startswith(('hf-hub:', 'local-dir:'))
-    if args.checkpoint and hub_or_folder:
-        raise ValueError('--checkpoint goes with a model name (MODEL[.TAG]), not with hf-hub: or local-dir:')
-    if args.checkpoint:
-        model = convert_checkpoint(args.model, args.checkpoint)  # keeps the checkpoint's classes
-    else:
-        if not hub_or_folder:
-            resolve_model_name(args.model)
-        model = timm.create_model(args.model, pretrained=True)
+    model = load_model(args.model, args.checkpoint)
     with _progress(len(args.images), 'predict', unit='image') as bar:
         for path, prediction in zip(args.images, classify_images(model, args.images, top_k=args.top_k)):
             bar.update()

@@ -1,5 +1,4 @@
-"""From a checkpoint to the Hugging Face Hub: the catalogue of zoo models, conversion of checkpoint files into timm
-models, Hub-ready folders in timm's format, their validation and their upload.
+"""Hub-ready folders in timm's format: export, validation and upload.
 
 A folder written by :func:`export_hub_folder` holds ``config.json`` (timm's: architecture, num_classes, the
 pretrained cfg with the real preprocessing, plus a ``zoo`` record of the source file and its sha256),
@@ -13,9 +12,8 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
@@ -24,13 +22,11 @@ from timm.models import save_for_hf
 from torch import nn
 
 import zoo
-from zoo.convert import read_checkpoint
-from zoo.models import FAMILY_MODULES, checkpoint_filter_fn, classifier_keys, list_zoo_models, load_manifest
+from zoo.models import list_zoo_models, load_manifest, weights_location
 
 __all__ = [
-    'HubFolderError', 'ModelSummary', 'check_output_folder', 'convert_checkpoint', 'export_hub_folder', 'file_sha256',
-    'model_info', 'verify_hub_folder',
-    'publish_hub_folder', 'resolve_model_name', 'summarize_models', 'validate_hub_folder', 'weights_location',
+    'HubFolderError', 'check_output_folder', 'export_hub_folder', 'file_sha256', 'publish_hub_folder',
+    'validate_hub_folder', 'verify_hub_folder',
 ]
 
 PathLike = Union[str, Path]
@@ -42,71 +38,6 @@ class HubFolderError(ValueError):
     """A Hub folder that cannot be written, or that is not a valid zoo export."""
 
 
-@dataclass(frozen=True)
-class ModelSummary:
-    """One registered model: its family, parameter count (millions) and pretrained tags with their sources."""
-    name: str
-    family: str
-    params_m: float
-    pretrained: Tuple[Tuple[str, str], ...]  # (tag, where its weights come from)
-
-
-def weights_location(entry: Dict[str, Any]) -> str:
-    """Where a manifest entry's weights are downloaded from: ``hf-hub:ORG/NAME/FILE`` or the original URL."""
-    source = entry['source']
-    if 'hf_hub_id' in source:
-        return f"hf-hub:{source['hf_hub_id']}/{source['hf_hub_filename']} ({source['layout']} layout)"
-    return f"{source['url']} ({source['layout']} layout, manual download)"
-
-
-def _count_params_m(name: str) -> float:
-    with torch.device('meta'):  # shapes only: no memory, no initialisation cost
-        model = timm.create_model(name)
-    return sum(p.numel() for p in model.parameters()) / 1e6
-
-
-def summarize_models(pattern: str = '*') -> List[ModelSummary]:
-    """Every zoo model whose name matches the shell-style ``pattern``, in name order within each family."""
-    manifest = load_manifest()
-    summaries = []
-    for family in FAMILY_MODULES:
-        for name in timm.list_models(pattern, module=family):
-            tags = tuple((tag, weights_location(entry)) for tag, entry in manifest.items()
-                         if tag.split('.')[0] == name)
-            summaries.append(ModelSummary(name, family, _count_params_m(name), tags))
-    return summaries
-
-
-def resolve_model_name(name: str) -> Tuple[str, Optional[str]]:
-    """``MODEL`` or ``MODEL.TAG`` of a zoo model -> (model, tag or None); a clear error for anything else."""
-    model, _, tag = name.partition('.')
-    if model not in list_zoo_models():
-        raise ValueError(f'unknown model {model!r}: `zoo list` shows the models zoo registers')
-    if tag and name not in timm.list_models(model, include_tags=True):
-        known = ', '.join(t.split('.', 1)[1] for t in timm.list_models(model, include_tags=True))
-        raise ValueError(f'unknown tag {tag!r} for {model}: it has {known}')
-    return model, tag or None
-
-
-def model_info(name: str) -> Dict[str, Any]:
-    """Architecture summary, pretrained cfg, feature_info and manifest entry of ``MODEL[.TAG]``."""
-    model_name, tag = resolve_model_name(name)
-    with torch.device('meta'):
-        model = timm.create_model(name)
-        features = timm.create_model(model_name, features_only=True).feature_info
-    return {
-        'model': model_name,
-        'class': type(model).__name__,
-        'family': next(f for f in FAMILY_MODULES if model_name in timm.list_models(module=f)),
-        'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        'num_features': model.num_features,
-        'pretrained_cfg': {k: v for k, v in model.pretrained_cfg.items() if v is not None},
-        'feature_info': [dict(num_chs=f['num_chs'], reduction=f['reduction'], module=f['module'])
-                         for f in features.get_dicts()],
-        'manifest': load_manifest().get(f'{model_name}.{model.pretrained_cfg["tag"]}'),
-    }
-
-
 def file_sha256(path: PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -114,23 +45,6 @@ def file_sha256(path: PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b''):
             digest.update(block)
     return digest.hexdigest()
-
-
-def convert_checkpoint(name: str, checkpoint: PathLike, use_ema: bool = False) -> nn.Module:
-    """``MODEL[.TAG]`` with the weights of a checkpoint file in any supported layout, in eval mode.
-
-    The classifier keeps the checkpoint's number of classes. Raises ``CheckpointError`` (unreadable, unsafe or
-    mismatched checkpoints) or ``ValueError`` (unknown model or tag).
-    """
-    resolve_model_name(name)
-    container = read_checkpoint(checkpoint)
-    with torch.device('meta'):
-        probe = timm.create_model(name)
-    state_dict = checkpoint_filter_fn(container, probe, use_ema=use_ema)
-    head = [k for k in sorted(classifier_keys(probe)) if k.endswith('.weight') and k in state_dict]
-    model = timm.create_model(name, num_classes=state_dict[head[0]].shape[0] if head else 0)
-    model.load_state_dict(state_dict)
-    return model.eval()
 
 
 def _model_card(model: nn.Module, repo_hint: str, source: Optional[Dict[str, str]]) -> str:
@@ -261,7 +175,7 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
     """Write ``model`` as a Hub-ready timm folder (config.json, model.safetensors, README.md).
 
     Args:
-        model: A zoo model (``timm.create_model`` or :func:`convert_checkpoint`).
+        model: A zoo model (``timm.create_model`` or ``zoo.models.create_model_from_checkpoint``).
         out_dir: Folder to create; it must be absent or empty, or with ``force`` an earlier zoo export.
         source: The checkpoint file the weights came from; its name and sha256 are recorded.
         use_ema: Whether the EMA weights of ``source`` were taken (recorded).
@@ -281,6 +195,7 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
             model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
         save_for_hf(model, str(tmp), safe_serialization=True)
         config = json.loads((tmp / 'config.json').read_text())
+        config.get('model_args', {}).pop('pretrained_use_ema', None)  # which weights were read, not architecture
         config['zoo'] = {'version': zoo.__version__, **({'source': record} if record else {})}
         (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
         (tmp / 'README.md').write_text(_model_card(model, repo_hint, record))
@@ -312,10 +227,10 @@ def validate_hub_folder(folder: PathLike) -> List[Tuple[str, int]]:
         raise HubFolderError(f'{folder / "config.json"} is not a timm model config ({e})') from e
     if not isinstance(architecture, str) or not isinstance(num_classes, int):
         raise HubFolderError(f'{folder / "config.json"}: architecture must be a name and num_classes a number')
-    resolve_model_name(architecture)
-    with torch.device('meta'):
-        expected = {k: tuple(v.shape) for k, v in timm.create_model(architecture, num_classes=num_classes)
-                    .state_dict().items()}
+    if architecture not in list_zoo_models():
+        raise HubFolderError(f'{folder / "config.json"}: {architecture!r} is not a zoo model')
+    model = timm.create_model(architecture, num_classes=num_classes, device='meta')
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
         with safe_open(str(folder / 'model.safetensors'), 'pt') as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

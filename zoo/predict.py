@@ -1,13 +1,16 @@
 """Top-k classification of image files with a model's own preprocessing (its pretrained cfg)."""
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torch import nn
 
-__all__ = ['class_names', 'classify_images', 'load_image']
+from zoo.models import create_model_from_checkpoint, resolve_model_name
+
+__all__ = ['class_names', 'classify_images', 'load_image', 'load_model']
 
 Prediction = List[Tuple[str, float]]  # (label, probability), best first
 
@@ -22,6 +25,19 @@ def load_image(path: Union[str, Path]) -> Image.Image:
             return image.convert('RGB')
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f'{path}: not a readable image ({e.__class__.__name__})') from e
+
+
+def load_model(name: str, checkpoint: Optional[Union[str, Path]] = None) -> nn.Module:
+    """The model to classify with, in eval mode: ``MODEL[.TAG]`` with its published weights or, given
+    ``checkpoint``, a checkpoint file's (keeping its classes); or an ``hf-hub:`` / ``local-dir:`` model."""
+    hub_or_folder = name.startswith(('hf-hub:', 'local-dir:'))
+    if checkpoint and hub_or_folder:
+        raise ValueError('--checkpoint goes with a model name (MODEL[.TAG]), not with hf-hub: or local-dir:')
+    if not hub_or_folder:
+        resolve_model_name(name)
+    if checkpoint:
+        return create_model_from_checkpoint(name, checkpoint).eval()
+    return timm.create_model(name, pretrained=True).eval()
 
 
 def class_names(model: nn.Module) -> List[str]:

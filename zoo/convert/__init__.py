@@ -1,15 +1,19 @@
-"""The conversion layer: safe checkpoint reading and one converter per family and source layout.
+"""The conversion layer: safe checkpoint reading, and the layouts each family's checkpoints are published in.
 
-Importing it registers the converters and the safe weights reader with ``zoo.models``, so that
-``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`` reads and converts on the fly.
+It sits below the models and imports none of them: each model file hands its family's :class:`CheckpointLayouts`
+to timm as the pretrained filter, and converters only see the keys and shapes of the model they are given.
 """
-from zoo.models import register_weights_reader
 from .reader import CheckpointError, read_checkpoint
-from .state_dict import CheckpointMismatchError, SourceLayout, check_state_dict, detect_layout, read_weights, \
-    unwrap_state_dict
-from .van import VAN_LAYOUTS, convert_van
-from .odconv import ODCONV_MOBILENETV2_LAYOUTS, ODCONV_RESNET_LAYOUTS, convert_odconv_mobilenetv2, convert_odconv_resnet
-from .efficientmod import EFFICIENTMOD_LAYOUTS, convert_efficientmod
-from .xvolution import XVOLUTION_LAYOUTS, convert_xvolution_resnet
+from .layouts import CheckpointLayouts, CheckpointMismatchError, SourceLayout, check_state_dict, classifier_keys, \
+    first_conv_keys, read_state_dict, unwrap_state_dict
+from .van import VAN_LAYOUTS
+from .odconv import ODCONV_MOBILENETV2_LAYOUTS, ODCONV_RESNET_LAYOUTS
+from .efficientmod import EFFICIENTMOD_LAYOUTS
+from .xvolution import XVOLUTION_RESNET_LAYOUTS
 
-register_weights_reader(read_weights)
+__all__ = [
+    'CheckpointError', 'CheckpointLayouts', 'CheckpointMismatchError', 'EFFICIENTMOD_LAYOUTS',
+    'ODCONV_MOBILENETV2_LAYOUTS', 'ODCONV_RESNET_LAYOUTS', 'SourceLayout', 'VAN_LAYOUTS', 'XVOLUTION_RESNET_LAYOUTS',
+    'check_state_dict', 'classifier_keys', 'first_conv_keys', 'read_checkpoint', 'read_state_dict',
+    'unwrap_state_dict',
+]

@@ -1,4 +1,5 @@
-"""EfficientMod checkpoints -> ``zoo.models.efficientmod.EfficientMod``.
+"""The published layouts of EfficientMod checkpoints and their key maps onto zoo's EfficientMod
+(``models/efficientmod.py``).
 
 The authors publish timm training checkpoints: ``{'epoch', 'arch', 'state_dict', 'state_dict_ema', 'optimizer',
 'amp_scaler', 'version', 'args': argparse.Namespace, 'metric'}``. ``state_dict`` is converted unless the EMA weights
@@ -10,17 +11,11 @@ Layouts:
               ``head``).
     zoo       this package's own keys (``stem.conv``, ``stages.{i}.downsample`` at the start of stage i).
 """
-from typing import Any, Dict, Mapping
+from .layouts import CheckpointLayouts, SourceLayout
 
-import torch
-from torch import nn
+__all__ = ['EFFICIENTMOD_LAYOUTS']
 
-from zoo.models import EfficientMod, register_converter
-from .state_dict import SourceLayout, convert_with_layouts
-
-__all__ = ['EFFICIENTMOD_LAYOUTS', 'convert_efficientmod']
-
-EFFICIENTMOD_LAYOUTS = (
+EFFICIENTMOD_LAYOUTS = CheckpointLayouts('EfficientMod', (
     SourceLayout(
         name='zoo',
         marker=r'stem\.conv\.weight',
@@ -41,13 +36,4 @@ EFFICIENTMOD_LAYOUTS = (
             (r'^head\.', 'head.fc.'),
         ),
     ),
-)
-
-
-def convert_efficientmod(checkpoint: Mapping[str, Any], model: nn.Module,
-                         use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """An EfficientMod checkpoint in any supported layout, as a state dict of ``model`` (checked key by key)."""
-    return convert_with_layouts(checkpoint, model, EFFICIENTMOD_LAYOUTS, family='EfficientMod', use_ema=use_ema)
-
-
-register_converter(EfficientMod, convert_efficientmod)
+))

@@ -1,4 +1,4 @@
-"""VAN checkpoints of every published layout -> ``zoo.models.van.VAN``.
+"""The published layouts of VAN checkpoints and their key maps onto zoo's VAN (``models/van.py``).
 
 Layouts:
     official      VAN-Classification (``patch_embed1.proj``, ``block1.0.attn.spatial_gating_unit.conv0``, ``norm1``,
@@ -12,15 +12,9 @@ Layouts:
                   reproduce mmpretrain's outputs exactly.
     zoo           this package's own keys (``stages.0.downsample.conv``), e.g. a state dict saved from a zoo model.
 """
-from typing import Any, Dict, Mapping
+from .layouts import CheckpointLayouts, SourceLayout
 
-import torch
-from torch import nn
-
-from zoo.models import VAN, register_converter
-from .state_dict import SourceLayout, convert_with_layouts
-
-__all__ = ['VAN_LAYOUTS', 'convert_van']
+__all__ = ['VAN_LAYOUTS']
 
 
 def _one_based(target: str):
@@ -43,7 +37,7 @@ _OFFICIAL_RULES = (
     (r'\.layer_scale_(\d)$', r'.ls\1.gamma'),
 )
 
-VAN_LAYOUTS = (
+VAN_LAYOUTS = CheckpointLayouts('VAN', (
     SourceLayout(
         name='zoo',
         marker=r'stages\.0\.downsample\.conv\.weight',
@@ -91,12 +85,4 @@ VAN_LAYOUTS = (
             *_OFFICIAL_RULES,
         ),
     ),
-)
-
-
-def convert_van(checkpoint: Mapping[str, Any], model: nn.Module, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """A VAN checkpoint in any supported layout, as a state dict of ``model`` (checked key by key)."""
-    return convert_with_layouts(checkpoint, model, VAN_LAYOUTS, family='VAN', use_ema=use_ema)
-
-
-register_converter(VAN, convert_van)
+))

@@ -1,9 +1,10 @@
-"""Exact folds of per-channel affine maps (eval-mode BatchNorm, LayerNorm's affine, layer scale) into the adjacent
-convolutions (plain and ODConv) and linear layers.
+"""Exact folds of per-channel affine maps (eval-mode BatchNorm, layer scale) into the adjacent convolutions (plain and
+ODConv) and linear layers, for the deploy forms of zoo's models.
 
-Every deploy-time ``reparameterize()`` in zoo is built from these. The arithmetic runs in float64 and is cast back
-to the layer's dtype, so a fused model matches its training form to float32 rounding.
+Every fold returns a new layer and leaves its arguments as they were. The arithmetic runs in float64 and is cast back
+to the layer's dtype, so a folded model matches its training form to float32 rounding.
 """
+import copy
 from typing import Optional, Tuple, TypeVar, Union
 
 import torch
@@ -11,9 +12,9 @@ from torch import nn
 
 from .odconv import ODConv2d
 
-__all__ = ['batchnorm_affine', 'fuse_conv_bn', 'fuse_norm', 'with_input_affine', 'with_output_affine']
+__all__ = ['batchnorm_affine', 'fuse_conv_bn', 'with_input_affine', 'with_output_affine']
 
-Layer = TypeVar('Layer', nn.Conv2d, nn.Linear)
+Layer = TypeVar('Layer', nn.Conv2d, nn.Linear, ODConv2d)
 
 
 def batchnorm_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -23,10 +24,18 @@ def batchnorm_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+def _output_dim(layer: Union[nn.Conv2d, nn.Linear, ODConv2d]) -> int:
+    """The weight dimension of the output channels (ODConv2d's kernel bank is (kernel_num, C_out, ...))."""
+    return 1 if isinstance(layer, ODConv2d) else 0
+
+
 def _layer_like(layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> Layer:
     """A copy of ``layer`` (with a bias) holding ``weight`` and ``bias`` in its own dtype and device."""
     factory = dict(device=layer.weight.device, dtype=layer.weight.dtype)
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, ODConv2d):
+        fused = copy.deepcopy(layer)  # the attention comes along; an ODConv2d's bias is added after it
+        fused.bias = nn.Parameter(torch.empty(layer.out_chs, **factory))
+    elif isinstance(layer, nn.Linear):
         fused = nn.Linear(layer.in_features, layer.out_features, bias=True, **factory)
     else:
         fused = nn.Conv2d(
@@ -38,9 +47,10 @@ def _layer_like(layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> Layer
     return fused
 
 
-def _bias64(layer: Union[nn.Conv2d, nn.Linear]) -> torch.Tensor:
+def _bias64(layer: Union[nn.Conv2d, nn.Linear, ODConv2d]) -> torch.Tensor:
     if layer.bias is None:
-        return torch.zeros(layer.weight.shape[0], dtype=torch.float64, device=layer.weight.device)
+        channels = layer.weight.shape[_output_dim(layer)]
+        return torch.zeros(channels, dtype=torch.float64, device=layer.weight.device)
     return layer.bias.double()
 
 
@@ -51,16 +61,23 @@ def _along(values: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
     return values.double().view(shape)
 
 
+@torch.no_grad()
 def with_output_affine(layer: Layer, scale: torch.Tensor, shift: Optional[torch.Tensor] = None) -> Layer:
-    """A new conv / linear layer computing ``scale * layer(x) + shift`` (per output channel)."""
-    weight = layer.weight.double() * _along(scale, 0, layer.weight)
+    """A new conv / linear / ODConv layer computing ``scale * layer(x) + shift`` (per output channel).
+
+    For an ODConv2d the scale goes into the static kernels (a per-output-channel scale commutes with every attention)
+    and the shift into the bias added after the output-channel attention.
+    """
+    weight = layer.weight.double() * _along(scale, _output_dim(layer), layer.weight)
     bias = _bias64(layer) * scale.double()
     if shift is not None:
         bias = bias + shift.double()
     return _layer_like(layer, weight, bias)
 
 
-def with_input_affine(layer: Layer, scale: torch.Tensor, shift: torch.Tensor) -> Layer:
+@torch.no_grad()
+def with_input_affine(layer: Union[nn.Conv2d, nn.Linear], scale: torch.Tensor,
+                      shift: torch.Tensor) -> Union[nn.Conv2d, nn.Linear]:
     """A new conv / linear layer computing ``layer(scale * x + shift)`` (per input channel).
 
     Only exact for an unpadded, ungrouped conv: zero padding would see ``shift`` inside the image but not outside.
@@ -73,19 +90,9 @@ def with_input_affine(layer: Layer, scale: torch.Tensor, shift: torch.Tensor) ->
     return _layer_like(layer, folded_weight, bias)
 
 
-def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A single conv equal to ``bn(conv(x))`` with ``bn`` in eval mode."""
+def fuse_conv_bn(conv: Union[nn.Conv2d, ODConv2d], bn: nn.BatchNorm2d) -> Union[nn.Conv2d, ODConv2d]:
+    """A new layer equal to ``bn(conv(x))`` with ``bn`` in eval mode: the one BatchNorm fold of zoo's deploy forms."""
+    if not isinstance(conv, (nn.Conv2d, ODConv2d)) or not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f'fuse_conv_bn folds a BatchNorm2d into an nn.Conv2d or ODConv2d, not {type(bn).__name__} '
+                        f'into {type(conv).__name__}')
     return with_output_affine(conv, *batchnorm_affine(bn))
-
-
-def fuse_norm(conv: Optional[nn.Module], norm: Optional[nn.Module]) -> Optional[nn.Module]:
-    """The module computing ``norm(conv(x))`` with ``norm`` an eval-mode BatchNorm: a new ``nn.Conv2d`` for a plain
-    conv, ``conv`` itself for an ``ODConv2d`` (folded in place); None where either is something else."""
-    if not isinstance(norm, nn.BatchNorm2d):
-        return None
-    if type(conv) is nn.Conv2d:
-        return fuse_conv_bn(conv, norm)
-    if isinstance(conv, ODConv2d):
-        conv.fuse_output_affine(*batchnorm_affine(norm))
-        return conv
-    return None

@@ -12,7 +12,7 @@ are processed a few thousand positions at a time so that the expansion stays in 
 path to float32 rounding. A forward hook on ``fc1`` or ``context.conv`` therefore sees a tensor that is overwritten
 afterwards when autograd is off: copy it in the hook.
 """
-from typing import Type
+from typing import Optional, Type
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,6 @@ from torch import nn
 from timm.layers import register_notrace_function, register_notrace_module
 
 from ._tracing import is_compiling
-from .fusion import with_output_affine
 
 __all__ = ['EfficientModulation', 'InplaceGELU', 'ModulationContext', 'modulate']
 
@@ -58,12 +57,14 @@ def modulate(x: torch.Tensor, context: torch.Tensor, ratio: int) -> torch.Tensor
 class ModulationContext(nn.Module):
     """``g(act(dwconv(f(x))))`` on channels-last maps (B, H, W, C) -> (B, H, W, C)."""
 
-    def __init__(self, dim: int, kernel_size: int = 7, act_layer: Type[nn.Module] = nn.GELU) -> None:
+    def __init__(self, dim: int, kernel_size: int = 7, act_layer: Type[nn.Module] = nn.GELU,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
-        self.f = nn.Linear(dim, dim)
-        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        dd = {'device': device, 'dtype': dtype}
+        self.f = nn.Linear(dim, dim, **dd)
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, **dd)
         self.act = _reusing(act_layer)
-        self.g = nn.Linear(dim, dim)
+        self.g = nn.Linear(dim, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a contiguous NHWC tensor permuted to NCHW is a channels_last NCHW tensor: the conv reads and writes it
@@ -83,6 +84,8 @@ class EfficientModulation(nn.Module):
         kernel_size: Kernel of the context's depthwise convolution.
         act_layer: Activation after ``fc1`` (expanding blocks only) and inside the context.
         drop: Dropout after the modulation and after ``fc2``.
+        device: Device of the parameters.
+        dtype: Data type of the parameters.
     """
 
     def __init__(
@@ -92,16 +95,19 @@ class EfficientModulation(nn.Module):
             kernel_size: int = 7,
             act_layer: Type[nn.Module] = nn.GELU,
             drop: float = 0.,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if ratio < 1 or int(ratio) != ratio:
             raise ValueError(f'EfficientModulation needs a whole expansion ratio >= 1, got {ratio}')
+        dd = {'device': device, 'dtype': dtype}
         self.ratio = int(ratio)
-        self.fc1 = nn.Linear(dim, dim * self.ratio)
+        self.fc1 = nn.Linear(dim, dim * self.ratio, **dd)
         self.act = _reusing(act_layer) if self.ratio > 1 else nn.Identity()
-        self.context = ModulationContext(dim, kernel_size, act_layer)
+        self.context = ModulationContext(dim, kernel_size, act_layer, **dd)
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(dim * self.ratio, dim)
+        self.fc2 = nn.Linear(dim * self.ratio, dim, **dd)
         self.drop2 = nn.Dropout(drop)
         # elements of the expansion made at a time without autograd: ~3 MB of float32, cache-resident on CPUs
         self.chunk_elements = 4096 * 192
@@ -126,8 +132,3 @@ class EfficientModulation(nn.Module):
             x = self.act(x)
         x = modulate(x, context, self.ratio)
         return self.drop2(self.fc2(self.drop1(x)))
-
-    @torch.no_grad()
-    def fold_output_scale(self, scale: torch.Tensor) -> None:
-        """Make the operator's output ``scale * output`` (per channel), e.g. to absorb a layer scale."""
-        self.fc2 = with_output_affine(self.fc2, scale)

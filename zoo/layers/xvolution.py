@@ -18,12 +18,14 @@ from the paper's text. What the paper fixes and what was chosen here:
 - The attention branch's BatchNorm starts with zero scale (and shift), so a fresh operator equals its convolution
   branch and a fresh network its plain ResNet: an assumption (the paper does not say), made so that the attention is
   learnt as a residual correction of the convolution.
-- Inference (``fuse()``): both BatchNorms are folded. With PSSA both branches are sums over the 9 window offsets d of
-  linear maps of per-offset features (the shifted input, and the query times the shifted key), so they are one GEMM
-  over the concatenated features with the concatenated weights (``PixelShiftConv2d``), the paper's single operator.
-  SA cannot fuse with the convolution; its BatchNorms are folded.
+- Inference (``fuse()``, which returns the deploy form as a new module): both BatchNorms are folded. With PSSA both
+  branches are sums over the 9 window offsets d of linear maps of per-offset features (the shifted input, and the
+  query times the shifted key), so they are one GEMM over the concatenated features with the concatenated weights
+  (``PixelShiftConv2d``), the paper's single operator. SA cannot fuse with the convolution; its BatchNorms are folded.
 """
 from typing import List, Optional, Tuple
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -65,13 +67,15 @@ def pixel_shift_products(q: torch.Tensor, k: torch.Tensor, stride: int = 1, dila
 class PixelShiftAttention(nn.Module):
     """PSSA branch: 1x1 q / k -> the 9 pixel-shift products -> 1x1 weighted sum (stride) -> BatchNorm."""
 
-    def __init__(self, in_chs: int, out_chs: int, attn_chs: int, stride: int = 1, dilation: int = 1) -> None:
+    def __init__(self, in_chs: int, out_chs: int, attn_chs: int, stride: int = 1, dilation: int = 1,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.stride, self.dilation = stride, dilation
-        self.q = nn.Conv2d(in_chs, attn_chs, 1)
-        self.k = nn.Conv2d(in_chs, attn_chs, 1)
-        self.proj = nn.Conv2d(9 * attn_chs, out_chs, 1, bias=False)
-        self.bn = nn.BatchNorm2d(out_chs)
+        self.q = nn.Conv2d(in_chs, attn_chs, 1, **dd)
+        self.k = nn.Conv2d(in_chs, attn_chs, 1, **dd)
+        self.proj = nn.Conv2d(9 * attn_chs, out_chs, 1, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = pixel_shift_products(self.q(x), self.k(x), self.stride, self.dilation)
@@ -84,14 +88,16 @@ class GlobalSelfAttention(nn.Module):
     With stride 2 the queries are taken at the conv's output positions.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, attn_chs: int, stride: int = 1) -> None:
+    def __init__(self, in_chs: int, out_chs: int, attn_chs: int, stride: int = 1,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.stride = stride
-        self.q = nn.Conv2d(in_chs, attn_chs, 1)
-        self.k = nn.Conv2d(in_chs, attn_chs, 1)
-        self.v = nn.Conv2d(in_chs, attn_chs, 1)
-        self.proj = nn.Conv2d(attn_chs, out_chs, 1, bias=False)
-        self.bn = nn.BatchNorm2d(out_chs)
+        self.q = nn.Conv2d(in_chs, attn_chs, 1, **dd)
+        self.k = nn.Conv2d(in_chs, attn_chs, 1, **dd)
+        self.v = nn.Conv2d(in_chs, attn_chs, 1, **dd)
+        self.proj = nn.Conv2d(attn_chs, out_chs, 1, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.q(x[:, :, ::self.stride, ::self.stride])
@@ -103,13 +109,6 @@ class GlobalSelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2)
         out = out.unflatten(2, out_size)
         return self.bn(self.proj(out))
-
-    @torch.no_grad()
-    def fold_norm(self) -> None:
-        """Fold the BatchNorm into the output projection (eval-mode statistics)."""
-        if isinstance(self.bn, nn.BatchNorm2d):
-            self.proj = fuse_conv_bn(self.proj, self.bn)
-            self.bn = nn.Identity()
 
 
 class XVolution2d(nn.Module):
@@ -123,6 +122,8 @@ class XVolution2d(nn.Module):
         dilation: Dilation of the convolution (the pixel shifts follow it).
         attention: 'pssa' (pixel-shift self-attention, fusable with the convolution) or 'sa' (global self-attention).
         attn_chs: Channels of the attention's projections; ``in_chs`` if None.
+        device: Device of the parameters.
+        dtype: Data type of the parameters.
     """
 
     def __init__(
@@ -133,17 +134,20 @@ class XVolution2d(nn.Module):
             dilation: int = 1,
             attention: str = 'pssa',
             attn_chs: Optional[int] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         attn_chs = attn_chs or in_chs
-        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
-        self.bn = nn.BatchNorm2d(out_chs)
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=dilation, dilation=dilation, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
         if attention == 'pssa':
-            self.attn = PixelShiftAttention(in_chs, out_chs, attn_chs, stride, dilation)
+            self.attn = PixelShiftAttention(in_chs, out_chs, attn_chs, stride, dilation, **dd)
         elif attention == 'sa':
             if dilation != 1:
                 raise ValueError('X-volution with global self-attention has no dilated form; use output_stride 32')
-            self.attn = GlobalSelfAttention(in_chs, out_chs, attn_chs, stride)
+            self.attn = GlobalSelfAttention(in_chs, out_chs, attn_chs, stride, **dd)
         else:
             raise ValueError(f"unknown X-volution attention {attention!r}: use 'pssa' or 'sa'")
         # a fresh operator is its convolution branch (see the module docstring)
@@ -154,17 +158,19 @@ class XVolution2d(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:
-        """The inference form: ``PixelShiftConv2d`` for PSSA, this module with its BatchNorms folded for SA.
+        """The inference form, a new module (this one is left as it is): a ``PixelShiftConv2d`` for PSSA, a copy with
+        both BatchNorms folded for SA.
 
         Uses the BatchNorms' running statistics (eval mode). ``timm.utils.reparameterize_model`` calls it.
         """
         if isinstance(self.attn, PixelShiftAttention):
             return PixelShiftConv2d.from_xvolution(self)
-        if isinstance(self.bn, nn.BatchNorm2d):
-            self.conv = fuse_conv_bn(self.conv, self.bn)
-            self.bn = nn.Identity()
-        self.attn.fold_norm()
-        return self
+        fused = copy.deepcopy(self)
+        if isinstance(fused.bn, nn.BatchNorm2d):
+            fused.conv, fused.bn = fuse_conv_bn(fused.conv, fused.bn), nn.Identity()
+        if isinstance(fused.attn.bn, nn.BatchNorm2d):
+            fused.attn.proj, fused.attn.bn = fuse_conv_bn(fused.attn.proj, fused.attn.bn), nn.Identity()
+        return fused
 
 
 @register_notrace_module  # how it runs depends on the batch size
@@ -177,12 +183,14 @@ class PixelShiftConv2d(nn.Module):
     are formed a few samples at a time on CPU, so they stay cache-sized; each slice is one GEMM.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, attn_chs: int, stride: int = 1, dilation: int = 1) -> None:
+    def __init__(self, in_chs: int, out_chs: int, attn_chs: int, stride: int = 1, dilation: int = 1,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         self.in_chs, self.attn_chs, self.stride, self.dilation = in_chs, attn_chs, stride, dilation
-        self.qk = nn.Conv2d(in_chs, 2 * attn_chs, 1)
-        self.weight = nn.Parameter(torch.empty(out_chs, 9 * (in_chs + attn_chs)))
-        self.bias = nn.Parameter(torch.empty(out_chs))
+        self.qk = nn.Conv2d(in_chs, 2 * attn_chs, 1, **dd)
+        self.weight = nn.Parameter(torch.empty(out_chs, 9 * (in_chs + attn_chs), **dd))
+        self.bias = nn.Parameter(torch.empty(out_chs, **dd))
         # features formed at a time: ~8 MB of float32
         self.chunk_elements = 1 << 21
 
@@ -191,8 +199,8 @@ class PixelShiftConv2d(nn.Module):
         attn = xvol.attn
         assert isinstance(attn, PixelShiftAttention)
         conv = xvol.conv
-        fused = cls(conv.in_channels, conv.out_channels, attn.q.out_channels, attn.stride, attn.dilation)
-        fused = fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        fused = cls(conv.in_channels, conv.out_channels, attn.q.out_channels, attn.stride, attn.dilation,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
         conv_scale, conv_shift = batchnorm_affine(xvol.bn)
         attn_scale, attn_shift = batchnorm_affine(attn.bn)
         # (out, in, 3, 3) -> (out, 3, 3, in) -> (out, 9 * in): offset-major, as the features

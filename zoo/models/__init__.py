@@ -1,11 +1,10 @@
 """timm-native model families; importing this package registers every entrypoint with timm."""
-from typing import List
+from typing import List, Optional, Tuple
 
 import timm
 
-from ._checkpoint import checkpoint_filter_fn, classifier_keys, first_conv_keys, register_converter, \
-    register_weights_reader
-from ._manifest import load_manifest
+from ._builder import create_model_from_checkpoint
+from ._manifest import load_manifest, weights_location
 from .efficientmod import EfficientMod
 from .odconv_mobilenetv2 import ODMobileNetV2
 from .odconv_resnet import ODResNet
@@ -13,9 +12,8 @@ from .van import VAN
 from .xvolution_resnet import XVolutionResNet
 
 __all__ = [
-    'FAMILY_MODULES', 'EfficientMod', 'ODMobileNetV2', 'ODResNet', 'VAN', 'checkpoint_filter_fn', 'classifier_keys',
-    'first_conv_keys', 'list_zoo_models', 'load_manifest', 'register_converter', 'register_weights_reader',
-    'XVolutionResNet',
+    'FAMILY_MODULES', 'EfficientMod', 'ODMobileNetV2', 'ODResNet', 'VAN', 'XVolutionResNet',
+    'create_model_from_checkpoint', 'list_zoo_models', 'load_manifest', 'resolve_model_name', 'weights_location',
 ]
 
 # timm records a model's module as the last component of its Python module name
@@ -25,3 +23,14 @@ FAMILY_MODULES = ('van', 'odconv_resnet', 'odconv_mobilenetv2', 'efficientmod', 
 def list_zoo_models(pattern: str = '*') -> List[str]:
     """Names of the timm models zoo registers, matching a shell-style ``pattern``."""
     return sorted(name for module in FAMILY_MODULES for name in timm.list_models(pattern, module=module))
+
+
+def resolve_model_name(name: str) -> Tuple[str, Optional[str]]:
+    """``MODEL`` or ``MODEL.TAG`` of a zoo model -> (model, tag or None); a clear error for anything else."""
+    model, _, tag = name.partition('.')
+    if model not in list_zoo_models():
+        raise ValueError(f'unknown model {model!r}: `zoo list` shows the models zoo registers')
+    if tag and name not in timm.list_models(model, include_tags=True):
+        known = ', '.join(t.split('.', 1)[1] for t in timm.list_models(model, include_tags=True))
+        raise ValueError(f'unknown tag {tag!r} for {model}: it has {known}')
+    return model, tag or None

@@ -1,27 +1,31 @@
-"""Model construction shared by every zoo family: timm's builder, zoo's checkpoint reading and conversion, and a
-clear message where the official weights cannot be downloaded automatically."""
-import functools
-from typing import Any, Callable, Dict, Optional, TypeVar
+"""Model construction shared by every zoo family: timm's builder, with zoo's reading of checkpoint files.
 
+:func:`build_zoo_model` is the one place where a checkpoint file becomes a model. Every route there goes through
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``: a user's own call, ``zoo convert``,
+``zoo predict --checkpoint`` and ``zoo finetune --checkpoint`` (the last three via :func:`create_model_from_checkpoint`).
+"""
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, TypeVar, Union
+
+import timm
 from torch import nn
-from timm.models import PretrainedCfg, build_model_with_cfg
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 
-from ._checkpoint import checkpoint_filter_fn, read_weights_file
+from zoo.convert import CheckpointLayouts, read_state_dict
 from ._manifest import load_manifest
 
-__all__ = ['build_zoo_model']
+__all__ = ['build_zoo_model', 'create_model_from_checkpoint']
+
+_logger = logging.getLogger(__name__)
 
 ModelT = TypeVar('ModelT', bound=nn.Module)
 _WEIGHT_SOURCES = ('file', 'state_dict', 'url', 'hf_hub_id')
 
 
-def _resolve_cfg(variant: str, kwargs: Dict[str, Any]) -> PretrainedCfg:
-    return resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                  pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-
-
 def _check_weights_reachable(variant: str, cfg: PretrainedCfg) -> None:
+    """Where no weights source is set, say where the weights are published and how to load them."""
     if any(getattr(cfg, key, None) for key in _WEIGHT_SOURCES):
         return
     tag = f'{variant}.{cfg.tag}' if cfg.tag else variant
@@ -39,46 +43,90 @@ def _check_weights_reachable(variant: str, cfg: PretrainedCfg) -> None:
 
 def _is_file_source(cfg: PretrainedCfg) -> bool:
     """Whether timm would read the weights from ``cfg.file`` with its generic loader."""
-    return bool(cfg.file) and not cfg.state_dict and cfg.source not in ('hf-hub', 'local-dir') and not cfg.custom_load
+    return bool(cfg.file) and not cfg.state_dict and cfg.source not in ('hf-hub', 'local-dir')
 
 
-def _forget_weights(model: nn.Module, file: str) -> None:
-    """Drop the in-memory weights from the pretrained cfgs timm stored on ``model``; keep where they came from."""
+def _with_file_weights(cfg: PretrainedCfg, layouts: CheckpointLayouts, use_ema: bool) -> PretrainedCfg:
+    """``cfg`` carrying the weights of its file, read by zoo, and describing them: ``num_classes`` is the size of
+    the file's classifier (0 without one), so timm keeps a classifier of the asked-for size and replaces another.
+
+    zoo reads the file rather than timm for its messages about damaged or unsafe files, its safetensors detection
+    by content, and because timm's file loader takes a training checkpoint's EMA weights whenever they exist.
+    """
+    weights = read_state_dict(cfg.file, use_ema=use_ema)
+    num_classes = cfg.num_classes
+    if isinstance(cfg.classifier, str):
+        num_classes = layouts.num_classes(weights, cfg.classifier) or 0
+    return dataclasses.replace(cfg, state_dict=weights, num_classes=num_classes)
+
+
+def _forget_file_weights(model: nn.Module) -> None:
+    """Drop the weights from the pretrained cfgs timm stored on ``model`` (and a features wrapper's copy): the
+    model holds them now, and its cfg keeps the file they came from."""
     for module in model.modules():
         cfg = getattr(module, 'pretrained_cfg', None)
-        if isinstance(cfg, dict) and 'state_dict' in cfg:
-            del cfg['state_dict']
-            cfg['file'] = file
+        if isinstance(cfg, dict):
+            cfg.pop('state_dict', None)
 
 
 def build_zoo_model(
         model_cls: Callable[..., ModelT],
         variant: str,
         pretrained: bool,
+        checkpoint_layouts: CheckpointLayouts,
         feature_cfg: Optional[Dict[str, Any]] = None,
-        pretrained_use_ema: bool = False,
         **kwargs: Any,
 ) -> ModelT:
-    """``build_model_with_cfg`` with zoo's checkpoint reading and conversion.
+    """``timm.models.build_model_with_cfg`` whose pretrained filter converts any published layout of the family.
 
-    A ``file=`` checkpoint is read by zoo (safely, with clear errors) and gives its ``state_dict``, or with
-    ``pretrained_use_ema=True`` its EMA weights; timm's generic loader would silently prefer the EMA ones.
-    Weights that are published only outside the Hub get an error that says where they are and how to load them.
+    Args:
+        model_cls: The model class.
+        variant: Model name, the key of its pretrained cfgs.
+        pretrained: Load pretrained weights.
+        checkpoint_layouts: The family's checkpoint layouts; ``checkpoint_layouts.convert`` is timm's
+            ``pretrained_filter_fn``.
+        feature_cfg: timm's feature extraction cfg.
+        **kwargs: Model arguments and timm's ``pretrained_cfg``, ``pretrained_cfg_overlay`` and
+            ``pretrained_use_ema`` (take a training checkpoint file's EMA weights rather than its ``state_dict``).
+
+    A ``file=`` checkpoint is read here, safely; its classifier is kept where it has the asked-for number of
+    classes (by default, its own) and replaced, with a warning, where it has another. Weights that are published
+    only outside the Hub get an error that says where they are and how to load them.
     """
-    if pretrained_use_ema and not pretrained:
-        raise ValueError(f'{variant}: pretrained_use_ema=True needs pretrained=True')
-    file = None
+    use_ema = kwargs.pop('pretrained_use_ema', False)
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
+                                 pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
+    reads_file = pretrained and _is_file_source(cfg)
+    if use_ema and not reads_file:
+        raise ValueError(f'{variant}: pretrained_use_ema=True selects the EMA weights of a checkpoint file: pass '
+                         f'pretrained=True, pretrained_cfg_overlay=dict(file=PATH)')
     if pretrained:
-        cfg = _resolve_cfg(variant, kwargs)
         _check_weights_reachable(variant, cfg)
-        if _is_file_source(cfg):
-            file = cfg.file
-            weights = read_weights_file(file, pretrained_use_ema)
-            kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, state_dict=weights)
-    # weights read above are already the chosen ones; a container from elsewhere is unwrapped by the filter
-    filter_fn = functools.partial(checkpoint_filter_fn, use_ema=pretrained_use_ema and file is None)
+    if reads_file:
+        file = cfg.file
+        cfg = _with_file_weights(cfg, checkpoint_layouts, use_ema)
+        _warn_if_classifier_replaced(file, cfg.num_classes, kwargs)
     model = build_model_with_cfg(
-        model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs)
-    if file is not None:
-        _forget_weights(model, file)
+        model_cls, variant, pretrained, pretrained_cfg=cfg, pretrained_filter_fn=checkpoint_layouts.convert,
+        feature_cfg=feature_cfg, **kwargs)
+    if reads_file:
+        _forget_file_weights(model)
     return model
+
+
+def _warn_if_classifier_replaced(file: str, checkpoint_classes: int, kwargs: Dict[str, Any]) -> None:
+    asked = kwargs.get('num_classes', checkpoint_classes)
+    if checkpoint_classes and asked and asked != checkpoint_classes and not kwargs.get('features_only'):
+        _logger.warning(f'{file}: its classifier has {checkpoint_classes} classes and the model {asked}: the '
+                        f'classifier starts untrained')
+
+
+def create_model_from_checkpoint(model_name: str, checkpoint: Union[str, Path], **kwargs: Any) -> nn.Module:
+    """``model_name`` with the weights of a checkpoint file in any layout zoo or timm reads (an official training
+    checkpoint, a transformers ``pytorch_model.bin``, a zoo or timm safetensors file, ...).
+
+    The classifier keeps the checkpoint's number of classes unless ``num_classes`` asks for another. Other keyword
+    arguments go to ``timm.create_model`` (``pretrained_use_ema=True`` for a training checkpoint's EMA weights).
+    """
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {}, file=str(checkpoint))
+    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)

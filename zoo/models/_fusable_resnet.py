@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from zoo.layers import fuse_norm
+from zoo.layers import fuse_conv_bn
 
 __all__ = ['FusableBasicBlock', 'FusableBottleneck', 'NORM_PAIRS']
 
@@ -14,17 +14,16 @@ NORM_PAIRS = (('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3'))
 
 
 def _fold_block_norms(block: nn.Module) -> None:
-    """Fold each conv's BatchNorm (and the downsample's) into the conv, in eval mode."""
+    """Fold each conv's BatchNorm (and the downsample's) into the conv, in eval mode; a conv whose norm is already
+    gone (folded, or moved into an X-volution) is left as it is."""
     for conv_name, bn_name in NORM_PAIRS:
-        fused = fuse_norm(getattr(block, conv_name, None), getattr(block, bn_name, None))  # None unless foldable
-        if fused is not None:
-            setattr(block, conv_name, fused)
+        bn = getattr(block, bn_name, None)
+        if isinstance(bn, nn.BatchNorm2d):
+            setattr(block, conv_name, fuse_conv_bn(getattr(block, conv_name), bn))
             setattr(block, bn_name, nn.Identity())
     down = block.downsample
-    if isinstance(down, nn.Sequential) and len(down) == 2:
-        fused = fuse_norm(down[0], down[1])
-        if fused is not None:
-            block.downsample = nn.Sequential(fused, nn.Identity())
+    if isinstance(down, nn.Sequential) and len(down) == 2 and isinstance(down[1], nn.BatchNorm2d):
+        block.downsample = nn.Sequential(fuse_conv_bn(down[0], down[1]), nn.Identity())
 
 
 class FusableBasicBlock(BasicBlock):

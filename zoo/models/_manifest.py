@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict
 
 import yaml
 
-__all__ = ['MANIFEST_PATH', 'load_manifest', 'manifest_cfgs']
+__all__ = ['MANIFEST_PATH', 'load_manifest', 'manifest_cfgs', 'weights_location']
 
 MANIFEST_PATH = Path(__file__).resolve().parent.parent / 'weights_manifest.yaml'
 
@@ -53,3 +53,11 @@ def _cfg_args(entry: Dict[str, Any]) -> Dict[str, Any]:
 def manifest_cfgs(family: str, cfg: Callable[..., Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """Pretrained cfgs of one family, ``{'model.tag': cfg(**manifest fields)}``, ready for generate_default_cfgs."""
     return {tag: cfg(**_cfg_args(entry)) for tag, entry in load_manifest().items() if entry['family'] == family}
+
+
+def weights_location(entry: Dict[str, Any]) -> str:
+    """Where a manifest entry's weights are downloaded from: ``hf-hub:ORG/NAME/FILE`` or the original URL."""
+    source = entry['source']
+    if 'hf_hub_id' in source:
+        return f"hf-hub:{source['hf_hub_id']}/{source['hf_hub_filename']} ({source['layout']} layout)"
+    return f"{source['url']} ({source['layout']} layout, manual download)"

@@ -11,8 +11,10 @@ end with a few transformer blocks (global multi-head self-attention with heads o
 layer scale). Stages are joined by overlapping patch embeddings (7x7 stride 4 stem, 3x3 stride 2 between stages,
 each a conv followed by LayerNorm); the head averages the final LayerNorm's output over positions.
 
-Written from the paper for timm; the official weights (state dict and EMA of the authors' timm training checkpoints)
-load through ``zoo.convert`` and reproduce the official logits. Departures from the official code, none of which
+Written from the paper for timm. The official weights (state dict and EMA of the authors' timm training checkpoints)
+load through ``EFFICIENTMOD_LAYOUTS`` (``zoo/convert/efficientmod.py``), this file's pretrained filter, which maps the
+official keys (``patch_embed.proj``, ``layers.{i}.blocks.{j}``, ``layers.{i}.downsample``,
+``mlp.context_layer.context_list.0``, ``gamma_1``, ``head``) onto this file's; they reproduce the official logits. Departures from the official code, none of which
 changes a published model: stage ``i``'s downsample belongs to stage ``i`` (the official code ends stage ``i - 1``
 with it), so ``feature_info`` reports each resolution once; the context branch has one depthwise conv (the official
 code allows a sum over several kernel sizes, which no published model uses); the expansion ratio of a block must be
@@ -26,11 +28,13 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Attention, ClassifierHead, DropPath, LayerScale, Mlp, trunc_normal_
+from timm.layers import Attention, ClassifierHead, DropPath, LayerScale, Mlp, calculate_drop_path_rates, \
+    get_device_dtype, trunc_normal_
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from zoo.layers import EfficientModulation
+from zoo.convert import EFFICIENTMOD_LAYOUTS
+from zoo.layers import EfficientModulation, with_output_affine
 from ._builder import build_zoo_model
 from ._manifest import manifest_cfgs
 
@@ -40,10 +44,12 @@ __all__ = ['EfficientMod']
 class PatchEmbed(nn.Module):
     """Overlapping patch embedding: conv (kernel k, stride s, padding k // 2) then LayerNorm; NHWC -> NHWC."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int, norm_eps: float = 1e-5) -> None:
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int, norm_eps: float = 1e-5,
+                 device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2)
-        self.norm = nn.LayerNorm(out_chs, eps=norm_eps)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, **dd)
+        self.norm = nn.LayerNorm(out_chs, eps=norm_eps, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -62,11 +68,14 @@ class ModulationBlock(nn.Module):
             drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
             norm_eps: float = 1e-5,
+            device=None,
+            dtype=None,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = EfficientModulation(dim, ratio, kernel_size=kernel_size, act_layer=act_layer, drop=proj_drop)
-        self.layer_scale = LayerScale(dim, ls_init_value)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.mlp = EfficientModulation(dim, ratio, kernel_size=kernel_size, act_layer=act_layer, drop=proj_drop, **dd)
+        self.layer_scale = LayerScale(dim, ls_init_value, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +90,7 @@ class ModulationBlock(nn.Module):
         """
         if isinstance(self.layer_scale, nn.Identity):
             return
-        self.mlp.fold_output_scale(self.layer_scale.gamma)
+        self.mlp.fc2 = with_output_affine(self.mlp.fc2, self.layer_scale.gamma)
         self.layer_scale = nn.Identity()
 
 
@@ -98,15 +107,18 @@ class AttentionBlock(nn.Module):
             drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
             norm_eps: float = 1e-5,
+            device=None,
+            dtype=None,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, **dd)
         # official: heads of dim // num_heads channels, but never fewer than 32 (so the width may exceed dim)
         self.attn = Attention(dim, num_heads=num_heads, attn_head_dim=max(dim // num_heads, 32),
-                              attn_drop=attn_drop, proj_drop=proj_drop)
+                              attn_drop=attn_drop, proj_drop=proj_drop, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,20 +145,23 @@ class EfficientModStage(nn.Module):
             attn_drop: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
             norm_eps: float = 1e-5,
+            device=None,
+            dtype=None,
             **modulation_kwargs: Any,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = PatchEmbed(in_chs, out_chs, 3, 2, norm_eps) if downsample else nn.Identity()
+        self.downsample = PatchEmbed(in_chs, out_chs, 3, 2, norm_eps, **dd) if downsample else nn.Identity()
         depth = len(block_ratios)
         blocks: List[nn.Module] = [
             ModulationBlock(out_chs, ratio, proj_drop=proj_drop, drop_path=dpr, act_layer=act_layer, norm_eps=norm_eps,
-                            **modulation_kwargs)
+                            **modulation_kwargs, **dd)
             for ratio, dpr in zip(block_ratios, drop_path_rates[:depth])
         ]
         blocks += [
             AttentionBlock(out_chs, attn_mlp_ratio, num_heads=num_heads, proj_drop=proj_drop, attn_drop=attn_drop,
-                           drop_path=dpr, act_layer=act_layer, norm_eps=norm_eps)
+                           drop_path=dpr, act_layer=act_layer, norm_eps=norm_eps, **dd)
             for dpr in drop_path_rates[depth:depth + attn_depth]
         ]
         self.blocks = nn.Sequential(*blocks)
@@ -184,6 +199,8 @@ class EfficientMod(nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
     ) -> None:
         """
         Args:
@@ -204,16 +221,19 @@ class EfficientMod(nn.Module):
             proj_drop_rate: Dropout inside the modulation and after the attention and MLP projections.
             attn_drop_rate: Dropout of the attention weights.
             drop_path_rate: Stochastic depth rate, increasing linearly over all blocks up to this value.
+            device: Device of the parameters (e.g. 'meta' to build without memory).
+            dtype: Data type of the parameters.
         """
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.feature_info = []
 
-        self.stem = PatchEmbed(in_chans, embed_dims[0], 7, 4, norm_eps)
+        self.stem = PatchEmbed(in_chans, embed_dims[0], 7, 4, norm_eps, **dd)
         stage_depths = [len(ratios) + attn for ratios, attn in zip(block_ratios, attn_depths)]
-        dpr = torch.linspace(0, drop_path_rate, sum(stage_depths), device='cpu').split(stage_depths)
+        dpr = calculate_drop_path_rates(drop_path_rate, stage_depths, stagewise=True)
         stages = []
         prev_chs = embed_dims[0]
         for i, dim in enumerate(embed_dims):
@@ -221,7 +241,7 @@ class EfficientMod(nn.Module):
                 prev_chs, dim, block_ratios[i],
                 attn_depth=attn_depths[i],
                 attn_mlp_ratio=attn_mlp_ratios[i],
-                drop_path_rates=dpr[i].tolist(),
+                drop_path_rates=dpr[i],
                 downsample=i > 0,
                 num_heads=num_heads,
                 attn_drop=attn_drop_rate,
@@ -230,14 +250,15 @@ class EfficientMod(nn.Module):
                 ls_init_value=ls_init_value,
                 proj_drop=proj_drop_rate,
                 act_layer=act_layer,
+                **dd,
             ))
             prev_chs = dim
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
         self.num_features = self.head_hidden_size = prev_chs
-        self.norm = nn.LayerNorm(prev_chs, eps=norm_eps)
-        self.head = ClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.norm = nn.LayerNorm(prev_chs, eps=norm_eps, **dd)
+        self.head = ClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -274,7 +295,7 @@ class EfficientMod(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
+        self.head.reset(num_classes, pool_type=global_pool)  # keeps the head's device and dtype
 
     def forward_intermediates(
             self,
@@ -330,7 +351,7 @@ class EfficientMod(nn.Module):
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
-            self.head = ClassifierHead(self.num_features, 0, pool_type='')
+            self.head = ClassifierHead(self.num_features, 0, pool_type='', **get_device_dtype(self))
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,7 +385,8 @@ def _alternating(depth: int, ratio: int) -> Tuple[int, ...]:
 def _create_efficientmod(variant: str, pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_zoo_model(
-        EfficientMod, variant, pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+        EfficientMod, variant, pretrained, EFFICIENTMOD_LAYOUTS,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
 @register_model

@@ -5,8 +5,9 @@ Official code: https://github.com/OSVAI/ODConv (MIT)
 
 MobileNetV2 (Sandler et al., arXiv 1801.04381) with every convolution but the stem replaced by
 ``zoo.layers.ODConv2d``: the 1x1 expansions, the 3x3 depthwise convs, the 1x1 projections and the final 1x1 conv to
-1280 channels. Module names follow the official (torchvision-style) model, ``features.{i}``, so official checkpoints
-load with only the classifier renamed (``classifier.1`` -> ``classifier``). ``reparameterize()``
+1280 channels. Module names follow the official (torchvision-style) model, ``features.{i}``: ``ODCONV_MOBILENETV2_LAYOUTS``
+(``zoo/convert/odconv.py``), this file's pretrained filter, unwraps the official DDP training container and renames only
+the classifier (``classifier.1`` -> ``classifier``). ``reparameterize()``
 (``timm.utils.reparameterize_model``) folds the BatchNorm after every ODConv into it.
 """
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
@@ -15,11 +16,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, SelectAdaptivePool2d, make_divisible
+from timm.layers import DropPath, SelectAdaptivePool2d, calculate_drop_path_rates, get_device_dtype, make_divisible
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from zoo.layers import ODConv2d, fuse_norm
+from zoo.convert import ODCONV_MOBILENETV2_LAYOUTS
+from zoo.layers import ODConv2d, fuse_conv_bn
 from ._builder import build_zoo_model
 from ._manifest import manifest_cfgs
 
@@ -30,8 +32,9 @@ _SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96,
 
 
 def _fold_norm_after(seq: nn.Sequential, index: int) -> None:
-    """Fold the eval-mode BatchNorm ``seq[index]`` into the ODConv2d before it."""
-    if fuse_norm(seq[index - 1], seq[index]) is not None:
+    """Fold the eval-mode BatchNorm ``seq[index]`` into the ODConv2d before it (once)."""
+    if isinstance(seq[index], nn.BatchNorm2d):
+        seq[index - 1] = fuse_conv_bn(seq[index - 1], seq[index])
         seq[index] = nn.Identity()
 
 
@@ -39,10 +42,11 @@ class ODConvNormAct(nn.Sequential):
     """ODConv2d -> BatchNorm -> ReLU6 (official names ``0``, ``1``, ``2``)."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 **odconv_args: Any) -> None:
+                 device=None, dtype=None, **odconv_args: Any) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__(
-            ODConv2d(in_chs, out_chs, kernel_size, stride=stride, groups=groups, **odconv_args),
-            nn.BatchNorm2d(out_chs),
+            ODConv2d(in_chs, out_chs, kernel_size, stride=stride, groups=groups, **odconv_args, **dd),
+            nn.BatchNorm2d(out_chs, **dd),
             nn.ReLU6(inplace=True),
         )
 
@@ -56,15 +60,16 @@ class InvertedResidual(nn.Module):
     allow."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, expand_ratio: int, drop_path: float = 0.,
-                 **odconv_args: Any) -> None:
+                 device=None, dtype=None, **odconv_args: Any) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         hidden = int(round(in_chs * expand_ratio))
         self.has_skip = stride == 1 and in_chs == out_chs
-        layers = [ODConvNormAct(in_chs, hidden, 1, **odconv_args)] if expand_ratio != 1 else []
+        layers = [ODConvNormAct(in_chs, hidden, 1, **odconv_args, **dd)] if expand_ratio != 1 else []
         layers += [
-            ODConvNormAct(hidden, hidden, 3, stride=stride, groups=hidden, **odconv_args),
-            ODConv2d(hidden, out_chs, 1, **odconv_args),
-            nn.BatchNorm2d(out_chs),
+            ODConvNormAct(hidden, hidden, 3, stride=stride, groups=hidden, **odconv_args, **dd),
+            ODConv2d(hidden, out_chs, 1, **odconv_args, **dd),
+            nn.BatchNorm2d(out_chs, **dd),
         ]
         self.conv = nn.Sequential(*layers)
         self.drop_path = DropPath(drop_path) if drop_path > 0. and self.has_skip else nn.Identity()
@@ -93,6 +98,8 @@ class ODMobileNetV2(nn.Module):
             global_pool: str = 'avg',
             drop_rate: float = 0.2,
             drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
     ) -> None:
         """
         Args:
@@ -104,23 +111,25 @@ class ODMobileNetV2(nn.Module):
             global_pool: Pooling before the classifier ('' for none).
             drop_rate: Dropout before the classifier (0.2 in the official recipe).
             drop_path_rate: Stochastic depth of the residual blocks, rising linearly to this value.
+            device: Device of the parameters (e.g. 'meta' to build without memory).
+            dtype: Data type of the parameters.
         """
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        odconv_args = dict(kernel_num=kernel_num, reduction=reduction)
+        odconv_args = dict(kernel_num=kernel_num, reduction=reduction, **dd)
 
         stem_chs = make_divisible(32 * width_mult)
         features: List[nn.Module] = [nn.Sequential(
-            nn.Conv2d(in_chans, stem_chs, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(stem_chs),
+            nn.Conv2d(in_chans, stem_chs, 3, stride=2, padding=1, bias=False, **dd),
+            nn.BatchNorm2d(stem_chs, **dd),
             nn.ReLU6(inplace=True),
         )]
         self.feature_info = []
-        num_blocks = sum(n for _, _, n, _ in _SETTINGS)
-        dpr = torch.linspace(0, drop_path_rate, num_blocks, device='cpu').tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(n for _, _, n, _ in _SETTINGS))
         prev_chs, reduction_so_far = stem_chs, 2
         for t, c, n, s in _SETTINGS:
             out_chs = make_divisible(c * width_mult)
@@ -140,7 +149,7 @@ class ODMobileNetV2(nn.Module):
         self.features = nn.Sequential(*features)
 
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -174,10 +183,11 @@ class ODMobileNetV2(nn.Module):
         return self.classifier
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def _feature_ends(self) -> List[int]:
         return [int(info['module'].split('.')[1]) for info in self.feature_info]
@@ -258,44 +268,48 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs(manifest_cfgs('odconv_mobilenetv2', _cfg))
 
 
-def _create_od_mobilenetv2(variant: str, width_mult: float, kernel_num: int, pretrained: bool = False,
-                           **kwargs: Any) -> ODMobileNetV2:
-    return build_zoo_model(
-        ODMobileNetV2, variant, pretrained, width_mult=width_mult, kernel_num=kernel_num,
-        feature_cfg=dict(feature_cls='getter'), **kwargs)
+def _create_od_mobilenetv2(variant: str, pretrained: bool = False, **kwargs: Any) -> ODMobileNetV2:
+    return build_zoo_model(ODMobileNetV2, variant, pretrained, ODCONV_MOBILENETV2_LAYOUTS,
+                           feature_cfg=dict(feature_cls='getter'), **kwargs)
 
 
 @register_model
 def od_mobilenetv2_050(pretrained: bool = False, **kwargs: Any) -> ODMobileNetV2:
     """ODConv (1x) MobileNetV2 0.5, 2.4M params, 68.06 top-1."""
-    return _create_od_mobilenetv2('od_mobilenetv2_050', 0.5, 1, pretrained, **kwargs)
+    model_args = dict(width_mult=0.5, kernel_num=1)
+    return _create_od_mobilenetv2('od_mobilenetv2_050', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_mobilenetv2_050_4x(pretrained: bool = False, **kwargs: Any) -> ODMobileNetV2:
     """ODConv (4x) MobileNetV2 0.5, 4.4M params, 70.23 top-1."""
-    return _create_od_mobilenetv2('od_mobilenetv2_050_4x', 0.5, 4, pretrained, **kwargs)
+    model_args = dict(width_mult=0.5, kernel_num=4)
+    return _create_od_mobilenetv2('od_mobilenetv2_050_4x', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_mobilenetv2_075(pretrained: bool = False, **kwargs: Any) -> ODMobileNetV2:
     """ODConv (1x) MobileNetV2 0.75, 3.5M params, 72.71 top-1."""
-    return _create_od_mobilenetv2('od_mobilenetv2_075', 0.75, 1, pretrained, **kwargs)
+    model_args = dict(width_mult=0.75, kernel_num=1)
+    return _create_od_mobilenetv2('od_mobilenetv2_075', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_mobilenetv2_075_4x(pretrained: bool = False, **kwargs: Any) -> ODMobileNetV2:
     """ODConv (4x) MobileNetV2 0.75, 7.5M params, 74.01 top-1."""
-    return _create_od_mobilenetv2('od_mobilenetv2_075_4x', 0.75, 4, pretrained, **kwargs)
+    model_args = dict(width_mult=0.75, kernel_num=4)
+    return _create_od_mobilenetv2('od_mobilenetv2_075_4x', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_mobilenetv2_100(pretrained: bool = False, **kwargs: Any) -> ODMobileNetV2:
     """ODConv (1x) MobileNetV2 1.0, 4.9M params, 74.74 top-1."""
-    return _create_od_mobilenetv2('od_mobilenetv2_100', 1.0, 1, pretrained, **kwargs)
+    model_args = dict(width_mult=1.0, kernel_num=1)
+    return _create_od_mobilenetv2('od_mobilenetv2_100', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_mobilenetv2_100_4x(pretrained: bool = False, **kwargs: Any) -> ODMobileNetV2:
     """ODConv (4x) MobileNetV2 1.0, 11.5M params, 75.29 top-1."""
-    return _create_od_mobilenetv2('od_mobilenetv2_100_4x', 1.0, 4, pretrained, **kwargs)
+    model_args = dict(width_mult=1.0, kernel_num=4)
+    return _create_od_mobilenetv2('od_mobilenetv2_100_4x', pretrained, **dict(model_args, **kwargs))

@@ -5,8 +5,9 @@ Official code: https://github.com/OSVAI/ODConv (MIT)
 
 timm's ResNet with every 3x3 and 1x1 convolution of its residual blocks replaced by ``zoo.layers.ODConv2d``; the stem
 conv and the 1x1 downsample convs stay static, as in the paper. ``kernel_num`` 1 is the paper's "ODConv (1x)", 4 (2
-for ResNet-101) its "ODConv (4x)". Parameter names equal the official ones, so official checkpoints load unchanged
-(after unwrapping their DDP container). Inference runs at temperature 1; ``zoo.set_temperature`` and
+for ResNet-101) its "ODConv (4x)". Parameter names equal the official ones: ``ODCONV_RESNET_LAYOUTS``
+(``zoo/convert/odconv.py``), this file's pretrained filter, unwraps the official DDP training container and checks
+every key and shape. Inference runs at temperature 1; ``zoo.set_temperature`` and
 ``zoo.layers.odconv_temperature`` give the official annealing for training. ``reparameterize()``
 (``timm.utils.reparameterize_model``) folds every block's BatchNorms into its ODConvs (and downsample convs).
 """
@@ -17,6 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 
+from zoo.convert import ODCONV_RESNET_LAYOUTS
 from zoo.layers import ODConv2d
 from ._builder import build_zoo_model
 from ._fusable_resnet import FusableBasicBlock, FusableBottleneck
@@ -26,10 +28,12 @@ __all__ = ['ODResNet', 'ODBasicBlock', 'ODBottleneck']
 
 
 def _odconv_like(conv: nn.Conv2d, kernel_num: int, reduction: float) -> ODConv2d:
-    """An ODConv2d with the geometry timm gave ``conv`` (stride, padding, dilation for output_stride)."""
+    """An ODConv2d with the geometry timm gave ``conv`` (stride, padding, dilation for output_stride), on its device
+    and in its dtype."""
     return ODConv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size[0], stride=conv.stride[0], padding=conv.padding[0],
-        dilation=conv.dilation[0], groups=conv.groups, reduction=reduction, kernel_num=kernel_num)
+        dilation=conv.dilation[0], groups=conv.groups, reduction=reduction, kernel_num=kernel_num,
+        device=conv.weight.device, dtype=conv.weight.dtype)
 
 
 class ODBasicBlock(FusableBasicBlock):
@@ -73,58 +77,65 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create_od_resnet(variant: str, block: type, layers: tuple, kernel_num: int, pretrained: bool = False,
-                      **kwargs: Any) -> ODResNet:
-    block_args = dict(kwargs.pop('block_args', None) or {}, kernel_num=kernel_num,
+def _create_od_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ODResNet:
+    """An ODConv ResNet; ``kernel_num`` and ``reduction`` go to every ODConv2d, the rest to timm's ``ResNet``."""
+    block_args = dict(kwargs.pop('block_args', None) or {}, kernel_num=kwargs.pop('kernel_num'),
                       reduction=kwargs.pop('reduction', 0.0625))
-    return build_zoo_model(
-        ODResNet, variant, pretrained, block=block, layers=layers, block_args=block_args,
-        feature_cfg=dict(feature_cls='getter'), **kwargs)
+    return build_zoo_model(ODResNet, variant, pretrained, ODCONV_RESNET_LAYOUTS, block_args=block_args,
+                           feature_cfg=dict(feature_cls='getter'), **kwargs)
 
 
 @register_model
 def od_resnet18(pretrained: bool = False, **kwargs: Any) -> ODResNet:
     """ODConv (1x) ResNet-18, 11.9M params, 73.05 top-1."""
-    return _create_od_resnet('od_resnet18', ODBasicBlock, (2, 2, 2, 2), 1, pretrained, **kwargs)
+    model_args = dict(block=ODBasicBlock, layers=(2, 2, 2, 2), kernel_num=1)
+    return _create_od_resnet('od_resnet18', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_resnet18_4x(pretrained: bool = False, **kwargs: Any) -> ODResNet:
     """ODConv (4x) ResNet-18, 44.9M params, 74.19 top-1."""
-    return _create_od_resnet('od_resnet18_4x', ODBasicBlock, (2, 2, 2, 2), 4, pretrained, **kwargs)
+    model_args = dict(block=ODBasicBlock, layers=(2, 2, 2, 2), kernel_num=4)
+    return _create_od_resnet('od_resnet18_4x', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_resnet34(pretrained: bool = False, **kwargs: Any) -> ODResNet:
     """ODConv (1x) ResNet-34, 22.3M params (no published weights)."""
-    return _create_od_resnet('od_resnet34', ODBasicBlock, (3, 4, 6, 3), 1, pretrained, **kwargs)
+    model_args = dict(block=ODBasicBlock, layers=(3, 4, 6, 3), kernel_num=1)
+    return _create_od_resnet('od_resnet34', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_resnet34_4x(pretrained: bool = False, **kwargs: Any) -> ODResNet:
     """ODConv (4x) ResNet-34, 85.6M params (no published weights)."""
-    return _create_od_resnet('od_resnet34_4x', ODBasicBlock, (3, 4, 6, 3), 4, pretrained, **kwargs)
+    model_args = dict(block=ODBasicBlock, layers=(3, 4, 6, 3), kernel_num=4)
+    return _create_od_resnet('od_resnet34_4x', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_resnet50(pretrained: bool = False, **kwargs: Any) -> ODResNet:
     """ODConv (1x) ResNet-50, 28.6M params, 77.87 top-1."""
-    return _create_od_resnet('od_resnet50', ODBottleneck, (3, 4, 6, 3), 1, pretrained, **kwargs)
+    model_args = dict(block=ODBottleneck, layers=(3, 4, 6, 3), kernel_num=1)
+    return _create_od_resnet('od_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_resnet50_4x(pretrained: bool = False, **kwargs: Any) -> ODResNet:
     """ODConv (4x) ResNet-50, 90.7M params, 78.50 top-1."""
-    return _create_od_resnet('od_resnet50_4x', ODBottleneck, (3, 4, 6, 3), 4, pretrained, **kwargs)
+    model_args = dict(block=ODBottleneck, layers=(3, 4, 6, 3), kernel_num=4)
+    return _create_od_resnet('od_resnet50_4x', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_resnet101(pretrained: bool = False, **kwargs: Any) -> ODResNet:
     """ODConv (1x) ResNet-101, 50.8M params, 78.84 top-1."""
-    return _create_od_resnet('od_resnet101', ODBottleneck, (3, 4, 23, 3), 1, pretrained, **kwargs)
+    model_args = dict(block=ODBottleneck, layers=(3, 4, 23, 3), kernel_num=1)
+    return _create_od_resnet('od_resnet101', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def od_resnet101_2x(pretrained: bool = False, **kwargs: Any) -> ODResNet:
     """ODConv (2x) ResNet-101, 90.4M params, 79.15 top-1."""
-    return _create_od_resnet('od_resnet101_2x', ODBottleneck, (3, 4, 23, 3), 2, pretrained, **kwargs)
+    model_args = dict(block=ODBottleneck, layers=(3, 4, 23, 3), kernel_num=2)
+    return _create_od_resnet('od_resnet101_2x', pretrained, **dict(model_args, **kwargs))

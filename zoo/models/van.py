@@ -9,9 +9,12 @@ BatchNorm -> conv MLP, both scaled by a learnt layer scale, and a LayerNorm over
 attention unit adds its own input back (``proj2(lka(...)) + x``) inside the layer-scaled residual branch, and the
 classifier sees the mean over positions of the last stage's LayerNorm output.
 
-Written from the paper for timm; the official weights load through ``zoo.convert`` (official, Hugging Face
-transformers and mmpretrain layouts) and reproduce the official logits. ``reparameterize()`` folds BatchNorm and
-layer scale into the adjacent convolutions for deployment.
+Written from the paper for timm. Original checkpoints load through ``VAN_LAYOUTS`` (``zoo/convert/van.py``), this
+file's pretrained filter: the official VAN-Classification training checkpoints (``patch_embed1.proj``,
+``block1.0.attn.spatial_gating_unit.conv0``, ``norm1``, ``head``), Hugging Face transformers' ``VanForImageClassification``
+(``van.encoder.stages.0.layers.0...``), mmpretrain's (``backbone.blocks1...``) and zoo's own keys, recognised from the
+keys; they reproduce the official logits. ``reparameterize()`` folds BatchNorm and layer scale into the adjacent
+convolutions for deployment.
 """
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
@@ -19,10 +22,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from timm.layers import DropPath, LayerNorm2d, LayerScale2d, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, LayerScale2d, SelectAdaptivePool2d, calculate_drop_path_rates, \
+    get_device_dtype, trunc_normal_
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from zoo.convert import VAN_LAYOUTS
 from zoo.layers import LargeKernelAttention, batchnorm_affine, fuse_conv_bn, with_input_affine, with_output_affine
 from ._builder import build_zoo_model
 from ._manifest import manifest_cfgs
@@ -33,10 +38,11 @@ __all__ = ['VAN']
 class OverlapPatchEmbed(nn.Module):
     """Strided conv with overlapping windows (kernel k, stride s, padding k // 2) followed by BatchNorm."""
 
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int) -> None:
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2)
-        self.norm = nn.BatchNorm2d(out_chs)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, **dd)
+        self.norm = nn.BatchNorm2d(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x))
@@ -56,12 +62,13 @@ class SpatialAttention(nn.Module):
     After fusion the shortcut carries the per-channel scale of the folded norm and layer scale.
     """
 
-    def __init__(self, dim: int, act_layer: Type[nn.Module] = nn.GELU) -> None:
+    def __init__(self, dim: int, act_layer: Type[nn.Module] = nn.GELU, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.proj1 = nn.Conv2d(dim, dim, 1)
+        self.proj1 = nn.Conv2d(dim, dim, 1, **dd)
         self.act = act_layer()
-        self.lka = LargeKernelAttention(dim)
-        self.proj2 = nn.Conv2d(dim, dim, 1)
+        self.lka = LargeKernelAttention(dim, **dd)
+        self.proj2 = nn.Conv2d(dim, dim, 1, **dd)
         self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,13 +78,15 @@ class SpatialAttention(nn.Module):
 class ConvMlp(nn.Module):
     """1x1 conv expansion -> 3x3 depthwise conv -> activation -> 1x1 conv projection."""
 
-    def __init__(self, dim: int, hidden_dim: int, act_layer: Type[nn.Module] = nn.GELU, drop: float = 0.) -> None:
+    def __init__(self, dim: int, hidden_dim: int, act_layer: Type[nn.Module] = nn.GELU, drop: float = 0.,
+                 device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1, **dd)
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim, **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1, **dd)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,15 +105,18 @@ class VanBlock(nn.Module):
             proj_drop: float = 0.,
             drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
+            device=None,
+            dtype=None,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(dim)
-        self.attn = SpatialAttention(dim, act_layer=act_layer)
-        self.ls1 = LayerScale2d(dim, ls_init_value)
+        self.norm1 = nn.BatchNorm2d(dim, **dd)
+        self.attn = SpatialAttention(dim, act_layer=act_layer, **dd)
+        self.ls1 = LayerScale2d(dim, ls_init_value, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.BatchNorm2d(dim)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.ls2 = LayerScale2d(dim, ls_init_value)
+        self.norm2 = nn.BatchNorm2d(dim, **dd)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.ls2 = LayerScale2d(dim, ls_init_value, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +137,7 @@ class VanBlock(nn.Module):
         gamma1 = self.ls1.gamma.double()
         self.attn.proj1 = with_input_affine(self.attn.proj1, scale1, shift1)
         self.attn.proj2 = with_output_affine(self.attn.proj2, gamma1, gamma1 * shift1)
-        self.attn.shortcut = LayerScale2d(self.ls1.gamma.numel()).to(self.ls1.gamma)
+        self.attn.shortcut = LayerScale2d(gamma1.numel(), **get_device_dtype(self.ls1))
         self.attn.shortcut.gamma.copy_(gamma1 * scale1)
 
         scale2, shift2 = batchnorm_affine(self.norm2)
@@ -147,15 +159,18 @@ class VanStage(nn.Module):
             mlp_ratio: float,
             drop_path_rates: List[float],
             norm_eps: float = 1e-6,
+            device=None,
+            dtype=None,
             **block_kwargs: Any,
     ) -> None:
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = OverlapPatchEmbed(in_chs, out_chs, patch_size, stride)
+        self.downsample = OverlapPatchEmbed(in_chs, out_chs, patch_size, stride, **dd)
         self.blocks = nn.Sequential(*[
-            VanBlock(out_chs, mlp_ratio=mlp_ratio, drop_path=dpr, **block_kwargs) for dpr in drop_path_rates
+            VanBlock(out_chs, mlp_ratio=mlp_ratio, drop_path=dpr, **block_kwargs, **dd) for dpr in drop_path_rates
         ])
-        self.norm = LayerNorm2d(out_chs, eps=norm_eps)
+        self.norm = LayerNorm2d(out_chs, eps=norm_eps, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -188,6 +203,8 @@ class VAN(nn.Module):
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
     ) -> None:
         """
         Args:
@@ -203,14 +220,17 @@ class VAN(nn.Module):
             drop_rate: Dropout before the classifier.
             proj_drop_rate: Dropout inside the MLPs.
             drop_path_rate: Stochastic depth rate, increasing linearly over the blocks up to this value.
+            device: Device of the parameters (e.g. 'meta' to build without memory).
+            dtype: Data type of the parameters.
         """
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.feature_info = []
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
         prev_chs = in_chans
         for i, (dim, depth, mlp_ratio) in enumerate(zip(embed_dims, depths, mlp_ratios)):
@@ -219,11 +239,12 @@ class VAN(nn.Module):
                 patch_size=7 if i == 0 else 3,
                 stride=4 if i == 0 else 2,
                 mlp_ratio=mlp_ratio,
-                drop_path_rates=dpr[i].tolist(),
+                drop_path_rates=dpr[i],
                 norm_eps=norm_eps,
                 ls_init_value=ls_init_value,
                 proj_drop=proj_drop_rate,
                 act_layer=act_layer,
+                **dd,
             ))
             prev_chs = dim
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f'stages.{i}'))
@@ -231,7 +252,7 @@ class VAN(nn.Module):
 
         self.num_features = self.head_hidden_size = prev_chs
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
     @staticmethod
@@ -271,10 +292,11 @@ class VAN(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
             self,
@@ -362,7 +384,8 @@ default_cfgs = generate_default_cfgs({
 def _create_van(variant: str, pretrained: bool = False, **kwargs: Any) -> VAN:
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_zoo_model(
-        VAN, variant, pretrained, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+        VAN, variant, pretrained, VAN_LAYOUTS, feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
 
 
 @register_model

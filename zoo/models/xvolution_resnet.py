@@ -7,18 +7,21 @@ see ``zoo.layers.xvolution`` for the operator and the choices made.
 timm's ResNet-34 / ResNet-50 with every 3x3 convolution of stage 3 (``layer3``, 14x14 at 224 px) replaced by
 ``zoo.layers.XVolution2d``; the paper finds stage 3 the best place (+1.2 top-1 on ResNet-34, +0.9 on ResNet-50 with
 PSSA). The replaced conv's BatchNorm becomes the X-volution's convolution-branch norm, so with the attention
-branch's BatchNorm at its zero initialisation the network computes exactly its plain ResNet. ``reparameterize()``
+branch's BatchNorm at its zero initialisation the network computes exactly its plain ResNet. Checkpoints (zoo's own
+layout: none were ever published) load through ``XVOLUTION_RESNET_LAYOUTS`` (``zoo/convert/xvolution.py``), this
+file's pretrained filter. ``reparameterize()``
 (``timm.utils.reparameterize_model``) folds every block's BatchNorms into their convolutions and fuses each PSSA
 X-volution into a single ``PixelShiftConv2d``.
 """
-from typing import Any, Dict, Tuple, Type, Union
+from typing import Any, Dict, Tuple
 
 import torch
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
-from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models.resnet import ResNet
 
+from zoo.convert import XVOLUTION_RESNET_LAYOUTS
 from zoo.layers import XVolution2d
 from ._builder import build_zoo_model
 from ._fusable_resnet import NORM_PAIRS, FusableBasicBlock, FusableBottleneck
@@ -32,7 +35,7 @@ def _xvolution_like(conv: nn.Conv2d, norm: nn.BatchNorm2d, attention: str) -> XV
         raise ValueError(f'X-volution replaces plain 3x3 convs (one group, no bias, padding = dilation), not {conv}; '
                          f'build the model without cardinality / groups')
     xvol = XVolution2d(conv.in_channels, conv.out_channels, stride=conv.stride[0], dilation=conv.dilation[0],
-                       attention=attention)
+                       attention=attention, device=conv.weight.device, dtype=conv.weight.dtype)
     xvol.conv, xvol.bn = conv, norm
     return xvol
 
@@ -76,35 +79,34 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create_xvolution_resnet(variant: str, block: Type[Union[BasicBlock, Bottleneck]], layers: Tuple[int, ...],
-                             attention: str, pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
-    return build_zoo_model(XVolutionResNet, variant, pretrained, block=block, layers=layers, attention=attention,
+def _create_xvolution_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
+    return build_zoo_model(XVolutionResNet, variant, pretrained, XVOLUTION_RESNET_LAYOUTS,
                            feature_cfg=dict(feature_cls='getter'), **kwargs)
 
 
 @register_model
 def xvolution_resnet34(pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
     """ResNet-34 with PSSA X-volutions in stage 3 (paper: +1.2 top-1 over ResNet-34; no published weights)."""
-    return _create_xvolution_resnet('xvolution_resnet34', FusableBasicBlock, (3, 4, 6, 3), 'pssa', pretrained,
-                                    **kwargs)
+    model_args = dict(block=FusableBasicBlock, layers=(3, 4, 6, 3), attention='pssa')
+    return _create_xvolution_resnet('xvolution_resnet34', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def xvolution_resnet50(pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
     """ResNet-50 with PSSA X-volutions in stage 3 (paper: +0.9 top-1 over ResNet-50; no published weights)."""
-    return _create_xvolution_resnet('xvolution_resnet50', FusableBottleneck, (3, 4, 6, 3), 'pssa', pretrained,
-                                    **kwargs)
+    model_args = dict(block=FusableBottleneck, layers=(3, 4, 6, 3), attention='pssa')
+    return _create_xvolution_resnet('xvolution_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def xvolution_sa_resnet34(pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
     """ResNet-34 with global self-attention X-volutions in stage 3 (no published weights)."""
-    return _create_xvolution_resnet('xvolution_sa_resnet34', FusableBasicBlock, (3, 4, 6, 3), 'sa', pretrained,
-                                    **kwargs)
+    model_args = dict(block=FusableBasicBlock, layers=(3, 4, 6, 3), attention='sa')
+    return _create_xvolution_resnet('xvolution_sa_resnet34', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def xvolution_sa_resnet50(pretrained: bool = False, **kwargs: Any) -> XVolutionResNet:
     """ResNet-50 with global self-attention X-volutions in stage 3 (no published weights)."""
-    return _create_xvolution_resnet('xvolution_sa_resnet50', FusableBottleneck, (3, 4, 6, 3), 'sa', pretrained,
-                                    **kwargs)
+    model_args = dict(block=FusableBottleneck, layers=(3, 4, 6, 3), attention='sa')
+    return _create_xvolution_resnet('xvolution_sa_resnet50', pretrained, **dict(model_args, **kwargs))

@@ -1,25 +1,26 @@
-"""Source-layout machinery shared by every family's converter.
+"""Source layouts: how a family's published checkpoints name their weights, and their conversion to zoo's keys.
 
 A checkpoint is unwrapped from its training container, its layout is recognised from its keys, every key is renamed
-by the layout's rules, and the result is checked key by key and shape by shape against the target model.
+by the layout's rules, and the result is checked key by key and shape by shape against the model it is for. This
+module knows layouts, keys and shapes; it never imports a model class: the model files hand it their models.
 """
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
 
-from zoo.models import classifier_keys, first_conv_keys
 from .reader import CheckpointError, read_checkpoint
 
 __all__ = [
-    'CheckpointMismatchError', 'SourceLayout', 'check_state_dict', 'convert_with_layouts', 'detect_layout',
-    'read_weights', 'unwrap_state_dict',
+    'CheckpointLayouts', 'CheckpointMismatchError', 'SourceLayout', 'check_state_dict', 'classifier_keys',
+    'first_conv_keys', 'read_state_dict', 'unwrap_state_dict',
 ]
 
 Replacement = Union[str, Callable[['re.Match[str]'], str]]
+Describe = Callable[[Mapping[str, torch.Tensor]], str]  # state dict -> what it is, e.g. 'kernel_num 4, widths ...'
 
 # keys that hold the weights in the training containers of timm, DDP, mmengine and the official repos
 _CONTAINER_KEYS = ('state_dict', 'model', 'module')
@@ -45,7 +46,8 @@ class SourceLayout:
     def matches(self, keys: Iterable[str]) -> bool:
         return any(re.fullmatch(self.marker, k) for k in keys)
 
-    def convert(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def rename(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``state_dict`` with zoo's keys: every key renamed by the rules, the dropped ones left out."""
         out = {}
         for key, value in state_dict.items():
             if any(re.fullmatch(pattern, key) for pattern in self.dropped):
@@ -114,21 +116,33 @@ def unwrap_state_dict(checkpoint: Any, use_ema: bool = False) -> Dict[str, torch
     return state_dict
 
 
-def read_weights(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The state dict in a checkpoint file, unwrapped from its container (its EMA weights if ``use_ema``)."""
-    return unwrap_state_dict(read_checkpoint(path), use_ema=use_ema)
+def read_state_dict(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The state dict in a checkpoint file, read without executing code and unwrapped from its container (its EMA
+    weights if ``use_ema``)."""
+    try:
+        return unwrap_state_dict(read_checkpoint(path), use_ema=use_ema)
+    except CheckpointError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise CheckpointError(f'{path}: {e}') from e
 
 
-def detect_layout(state_dict: Mapping[str, torch.Tensor], layouts: Sequence[SourceLayout],
-                  family: str) -> SourceLayout:
-    """The layout among ``layouts`` whose marker some key matches."""
-    for layout in layouts:
-        if layout.matches(state_dict):
-            return layout
-    names = ', '.join(layout.name for layout in layouts)
-    raise CheckpointError(
-        f'not a {family} checkpoint: its keys match none of the {family} layouts ({names}); '
-        f'first keys: {_preview(list(state_dict), 5)}')
+def _names(value: Any) -> Tuple[str, ...]:
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def classifier_keys(model: nn.Module) -> Set[str]:
+    """Classifier weights and biases (from the pretrained cfg), which a checkpoint may size for other classes."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return {f'{name}.{p}' for name in _names(cfg.get('classifier')) for p in ('weight', 'bias')}
+
+
+def first_conv_keys(model: nn.Module) -> Set[str]:
+    """First conv weights (from the pretrained cfg), which a checkpoint may have for other input channels."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return {f'{name}.weight' for name in _names(cfg.get('first_conv'))}
 
 
 def _fits(checkpoint_shape: torch.Size, model_shape: torch.Size, first_conv: bool) -> bool:
@@ -137,20 +151,17 @@ def _fits(checkpoint_shape: torch.Size, model_shape: torch.Size, first_conv: boo
     return checkpoint_shape == model_shape
 
 
-Describe = Callable[[Mapping[str, torch.Tensor]], str]
-
-
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, layout: str,
                      describe: Optional[Describe] = None) -> None:
     """Raise :class:`CheckpointMismatchError` unless every key and shape fits ``model``.
 
-    As timm adapts them on load, the classifier may have any shape (or be present for a model built without one)
-    and the first conv may have other input channels. ``describe(state_dict)`` summarises a checkpoint or model
-    (e.g. 'kernel_num 4') for the error, which then names both sides.
+    As timm adapts them on load, the classifier may have any shape, be absent, or be present for a model built
+    without one, and the first conv may have other input channels. ``describe(state_dict)`` summarises a checkpoint
+    or model (e.g. 'kernel_num 4') for the error, which then names both sides.
     """
     target = model.state_dict()
     classifier, first_conv = classifier_keys(model), first_conv_keys(model)
-    missing = [k for k in target if k not in state_dict]
+    missing = [k for k in target if k not in state_dict and k not in classifier]
     unexpected = [k for k in state_dict if k not in target and k not in classifier]
     mismatched = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in state_dict.items()
                   if k in target and k not in classifier and not _fits(v.shape, target[k].shape, k in first_conv)]
@@ -159,11 +170,45 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, l
         raise CheckpointMismatchError(type(model).__name__, layout, missing, unexpected, mismatched, sides)
 
 
-def convert_with_layouts(checkpoint: Any, model: nn.Module, layouts: Sequence[SourceLayout], family: str,
-                         use_ema: bool = False, describe: Optional[Describe] = None) -> Dict[str, torch.Tensor]:
-    """Unwrap ``checkpoint``, detect its layout, rename its keys and check them against ``model``."""
-    state_dict = unwrap_state_dict(checkpoint, use_ema=use_ema)
-    layout = detect_layout(state_dict, layouts, family)
-    converted = layout.convert(state_dict)
-    check_state_dict(converted, model, layout.name, describe)
-    return converted
+@dataclass(frozen=True)
+class CheckpointLayouts:
+    """The layouts one family's checkpoints are published in, and their conversion to a model's state dict.
+
+    Attributes:
+        family: The family's name in messages ('VAN', ...).
+        layouts: Its layouts, each recognised by a key only it has.
+        describe: Summary of a state dict for mismatch errors (e.g. 'kernel_num 4, widths 64..512').
+    """
+    family: str
+    layouts: Tuple[SourceLayout, ...]
+    describe: Optional[Describe] = None
+
+    def detect(self, state_dict: Mapping[str, torch.Tensor]) -> SourceLayout:
+        """The layout whose marker some key matches."""
+        for layout in self.layouts:
+            if layout.matches(state_dict):
+                return layout
+        names = ', '.join(layout.name for layout in self.layouts)
+        raise CheckpointError(
+            f'not a {self.family} checkpoint: its keys match none of the {self.family} layouts ({names}); '
+            f'first keys: {_preview(list(state_dict), 5)}')
+
+    def convert(self, checkpoint: Mapping[str, Any], model: nn.Module,
+                use_ema: bool = False) -> Dict[str, torch.Tensor]:
+        """``checkpoint`` (a state dict or a training container, any layout) as ``model``'s state dict, checked key
+        by key and shape by shape: timm's ``pretrained_filter_fn`` of the family's models."""
+        layout, state_dict = self._renamed(checkpoint, use_ema)
+        check_state_dict(state_dict, model, layout.name, self.describe)
+        return state_dict
+
+    def num_classes(self, checkpoint: Mapping[str, Any], classifier: str) -> Optional[int]:
+        """Output rows of the classifier module ``classifier`` (named in zoo's keys) in ``checkpoint``, or None if the
+        checkpoint has no such classifier."""
+        _, state_dict = self._renamed(checkpoint, use_ema=False)
+        weight = state_dict.get(f'{classifier}.weight')
+        return None if weight is None else weight.shape[0]
+
+    def _renamed(self, checkpoint: Mapping[str, Any], use_ema: bool) -> Tuple[SourceLayout, Dict[str, torch.Tensor]]:
+        state_dict = unwrap_state_dict(checkpoint, use_ema=use_ema)
+        layout = self.detect(state_dict)
+        return layout, layout.rename(state_dict)

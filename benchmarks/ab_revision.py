@@ -1,0 +1,133 @@
+"""A/B of zoo's code at a git revision ("before") against the working tree ("after"), in one process.
+
+The package at ``--before`` is extracted from git as ``zoo_before`` and imported first; each model is built from it,
+then the working tree's ``zoo`` is imported (timm's registry then builds the new code) and the same model is built
+with the same weights. Before, after and the model's timm baseline take turns run by run (inference and a training
+step), so a slow spell of the shared machine hits all three alike. Results are appended to benchmarks/RESULTS.md.
+
+    python benchmarks/ab_revision.py --before 3676cb7 --models od_resnet18:resnet18 efficientmod_xxs:mobilenetv2_100
+"""
+import argparse
+import datetime
+import importlib
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import timm
+
+from bench import RESULTS, _inference_step, _training_step, describe_machine, interleaved_median_seconds
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def import_revision(revision: str, into: Path):
+    """zoo as of ``revision``, imported as the package ``zoo_before`` (with the manifest beside it)."""
+    archive = subprocess.run(['git', '-C', str(REPO), 'archive', revision, 'zoo', 'weights_manifest.yaml'],
+                             capture_output=True, check=True).stdout
+    subprocess.run(['tar', '-x', '-C', str(into)], input=archive, check=True)
+    (into / 'zoo').rename(into / 'zoo_before')
+    for path in (into / 'zoo_before').rglob('*.py'):
+        source = path.read_text()
+        path.write_text(re.sub(r'\bzoo\.', 'zoo_before.', re.sub(r'^(\s*)(from|import) zoo\b', r'\1\2 zoo_before',
+                                                                 source, flags=re.M)))
+    sys.path.insert(0, str(into))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the two packages register the same model names
+        return importlib.import_module('zoo_before')
+
+
+def build_pairs(names: List[str], revision: str, workdir: Path) -> Dict[str, Tuple[torch.nn.Module, torch.nn.Module]]:
+    """(before, after) of each model, the after one holding the before one's weights."""
+    import_revision(revision, workdir)
+    before = {name: timm.create_model(name) for name in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        import zoo  # noqa: F401  (registers the working tree's models over the revision's)
+    pairs = {}
+    for name in names:
+        after = timm.create_model(name)
+        after.load_state_dict(before[name].state_dict())
+        pairs[name] = (before[name], after)
+    return pairs
+
+
+def check_equal(pairs: Dict[str, Tuple[torch.nn.Module, torch.nn.Module]], img_size: int) -> None:
+    x = torch.randn(2, 3, img_size, img_size)
+    for name, (before, after) in pairs.items():
+        with torch.inference_mode():
+            diff = (before.eval()(x) - after.eval()(x)).abs().max().item()
+        if diff > 1e-4:
+            raise RuntimeError(f'{name}: before and after differ by {diff:.3g}')
+
+
+def measure(pairs, baselines: Dict[str, str], args: argparse.Namespace) -> List[Tuple[str, str, float, float, float]]:
+    """(model, mode, before ms, after ms, baseline ms) per model and mode, medians of interleaved runs."""
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    rows = []
+    for name, (before, after) in pairs.items():
+        baseline = timm.create_model(baselines[name])
+        for mode, step in (('inference', _inference_step), ('training step', _training_step)):
+            for model in (before, after, baseline):
+                model.train(mode != 'inference')
+            steps: Dict[str, Callable[[], None]] = {
+                'before': step(before, x), 'after': step(after, x), 'baseline': step(baseline, x)}
+            seconds = interleaved_median_seconds(steps, args.warmup, args.repeats)
+            rows.append((name, mode, *(seconds[k] * 1e3 for k in ('before', 'after', 'baseline'))))
+            print(f'{name:<22}{mode:<15}' + '  '.join(f'{k} {v * 1e3:8.1f} ms' for k, v in seconds.items()),
+                  flush=True)
+    return rows
+
+
+def render(rows, baselines: Dict[str, str], args: argparse.Namespace) -> str:
+    lines = [
+        f'## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC — A/B: {args.before} (before) vs '
+        f'the working tree (after)',
+        '',
+        f'Machine: {describe_machine(torch.get_num_threads())}. `benchmarks/ab_revision.py`: before, after and the '
+        f'timm baseline in one process, the same weights, taking turns run by run; batch {args.batch_size}, '
+        f'{args.img_size}x{args.img_size}, NCHW, median of {args.repeats} runs after {args.warmup} warm-up runs. '
+        f'Ratio = baseline ms / model ms (the model\'s speed as a fraction of its baseline\'s).',
+        '',
+        '| model | mode | before (ms) | after (ms) | after / before | baseline | ratio before | ratio after |',
+        '|---|---|---:|---:|---:|---|---:|---:|',
+    ]
+    for name, mode, before, after, baseline in rows:
+        lines.append(f'| {name} | {mode} | {before:.1f} | {after:.1f} | {after / before:.3f} | {baselines[name]} '
+                     f'{baseline:.1f} ms | {baseline / before:.3f} | {baseline / after:.3f} |')
+    return '\n'.join(lines) + '\n\n'
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--before', required=True, help='git revision of the "before" code')
+    parser.add_argument('--models', nargs='+', required=True, metavar='MODEL:BASELINE')
+    parser.add_argument('--batch-size', type=int, default=16)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=21)
+    parser.add_argument('--out', type=Path, default=RESULTS, help='markdown file the results are appended to')
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    baselines = dict(pair.split(':') for pair in args.models)
+    with tempfile.TemporaryDirectory() as workdir:
+        pairs = build_pairs(list(baselines), args.before, Path(workdir))
+        check_equal(pairs, args.img_size)
+        rows = measure(pairs, baselines, args)
+    with open(args.out, 'a', encoding='utf-8') as f:
+        f.write(render(rows, baselines, args))
+
+
+if __name__ == '__main__':
+    main()

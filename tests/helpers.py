@@ -1,0 +1,156 @@
+"""Helpers shared by the tests: the official reference outputs, checkpoint files written the way they are published,
+numeric comparisons, and running zoo as a user runs it (the console script, a fresh interpreter offline)."""
+import argparse
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / 'fixtures' / 'official'
+
+
+@dataclass
+class OfficialReference:
+    """One file of tests/fixtures/official: the official state dict and the official model's outputs."""
+    state_dict: Dict[str, torch.Tensor]
+    inputs: List[torch.Tensor]
+    outputs: List[torch.Tensor]
+
+
+def load_reference(name: str) -> OfficialReference:
+    """``tests/fixtures/official/{name}.safetensors`` as an :class:`OfficialReference`."""
+    tensors = load_file(str(FIXTURES / f'{name}.safetensors'))
+    prefix = 'state_dict.'
+    # floats are stored as float16; the official model ran with exactly these values in float32
+    state_dict = {k[len(prefix):]: v.float() if v.is_floating_point() else v
+                  for k, v in tensors.items() if k.startswith(prefix)}
+    count = sum(k.startswith('input_') for k in tensors)
+    return OfficialReference(
+        state_dict, [tensors[f'input_{i}'] for i in range(count)], [tensors[f'output_{i}'] for i in range(count)])
+
+
+def official_state_dict_keys() -> Dict[str, Dict[str, List[int]]]:
+    """Key -> shape of every official state dict, full size, per ``family/model`` (official_state_dict_keys.json)."""
+    return json.loads((FIXTURES / 'official_state_dict_keys.json').read_text())
+
+
+def van_training_checkpoint(state_dict: Dict[str, torch.Tensor], **extra: Any) -> Dict[str, Any]:
+    """A timm-0.4 style training checkpoint around ``state_dict``, as the VAN originals are published."""
+    return {
+        'epoch': 299, 'arch': 'van_b0', 'state_dict': state_dict, 'version': 2, 'metric': 75.4,
+        'optimizer': {'state': {0: {'exp_avg': torch.ones(4), 'step': torch.tensor(10.)}},
+                      'param_groups': [{'lr': 1e-5, 'weight_decay': 0.05, 'params': [0]}]},
+        'args': argparse.Namespace(model='van_b0', lr=1e-3, epochs=300, drop_path=0.1),
+        **extra,
+    }
+
+
+def odconv_training_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """What the official ODConv DDP training script saves."""
+    optimizer = {'state': {}, 'param_groups': [{'lr': 1e-4, 'momentum': 0.9, 'params': []}]}
+    return {'epoch': 100, 'state_dict': {f'module.{k}': v for k, v in state_dict.items()}, 'acc': 72.9,
+            'best_acc': 73.05, 'optimizer': optimizer}
+
+
+def efficientmod_training_checkpoint(state_dict: Dict[str, torch.Tensor],
+                                     state_dict_ema: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """What the EfficientMod authors' timm training script saves (``--model-ema --amp``)."""
+    return {
+        'epoch': 299, 'arch': 'efficientMod_xxs', 'state_dict': state_dict, 'state_dict_ema': state_dict_ema,
+        'optimizer': {'state': {0: {'exp_avg': torch.ones(3)}}, 'param_groups': [{'lr': 4e-3, 'params': [0]}]},
+        'amp_scaler': {'scale': 65536.0, 'growth_factor': 2.0, 'backoff_factor': 0.5, 'growth_interval': 2000,
+                       '_growth_tracker': 120},
+        'version': 2, 'metric': 77.1,
+        'args': argparse.Namespace(model='efficientMod_xxs', lr=4e-3, model_ema=True, distillation_type='soft'),
+    }
+
+
+def perturbed(state_dict: Dict[str, torch.Tensor], factor: float = 0.9) -> Dict[str, torch.Tensor]:
+    """Other weights of the same shapes, standing in for the EMA copy of a training run."""
+    return {k: v * factor + 0.01 if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+class RunsCodeWhenUnpickled:
+    """Pickles as a call to ``open(marker, 'w')``: loading it with plain pickle would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-4) -> None:
+    diff = (actual - expected).abs().max().item()
+    assert diff <= atol, f'max abs diff {diff:.3g} > {atol}'
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference over the largest magnitude of ``expected``."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def with_random_batchnorm_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` in eval mode with moderate random BatchNorm statistics and affines (so that folding them is not
+    folding an identity), drawn from a fixed seed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for tensor, low, high in ((m.running_mean, -0.3, 0.3), (m.running_var, 0.5, 2.), (m.weight, 0.5, 1.5),
+                                          (m.bias, -0.3, 0.3)):
+                    tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return model.eval()
+
+
+def lay_out_hub_cache(cache_dir: Path, repo_id: str, files: Dict[str, bytes], commit: str = 'a' * 40) -> None:
+    """Write ``files`` into ``cache_dir`` exactly as huggingface_hub caches a download of ``repo_id`` at ``main``."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    (repo / 'refs').mkdir(parents=True, exist_ok=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    snapshot = repo / 'snapshots' / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``obj`` serialised with torch.save, as a checkpoint file's bytes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+ZOO = str(Path(sys.executable).parent / 'zoo')  # the console script pip installed beside this interpreter
+
+
+def run_zoo(*args: Any, cwd: Any = None) -> subprocess.CompletedProcess:
+    """The ``zoo`` command, run as a user runs it."""
+    return subprocess.run([ZOO, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def run_zoo_here(*args: Any) -> subprocess.CompletedProcess:
+    """The ``zoo`` command run in this process (output captured), for checks that need no fresh interpreter."""
+    from zoo.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # --help
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_python_offline(script: str, *args: Any, hub_cache: Path) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter with ``HF_HUB_OFFLINE=1`` and ``hub_cache`` as the Hugging Face cache."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(hub_cache), HF_HOME=str(hub_cache.parent / 'hf_home'))
+    return subprocess.run([sys.executable, '-c', script, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=300)
