@@ -9,9 +9,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'official'
@@ -86,6 +88,23 @@ class RunsCodeWhenUnpickled:
 
     def __reduce__(self):
         return open, (self.marker, 'w')
+
+
+def write_image_folder(root: Path, classes: Sequence[str] = ('cat', 'dog', 'fox'), per_class: int = 8,
+                       val_per_class: int = 0, size: int = 40, seed: int = 0) -> Path:
+    """An ImageFolder of PNGs whose classes differ in colour (easy to learn): ``root/CLASS/N.png``, or with
+    ``val_per_class`` also ``root/train/...`` and ``root/val/...``."""
+    rng = np.random.default_rng(seed)
+    splits = {'train': per_class, 'val': val_per_class} if val_per_class else {'': per_class}
+    for split, count in splits.items():
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 90, (size, size, 3))
+                pixels[..., index % 3] += 140 + 20 * (index // 3)
+                Image.fromarray(pixels.clip(0, 255).astype('uint8')).save(folder / f'{i}.png')
+    return root
 
 
 def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-4) -> None:

@@ -4,11 +4,15 @@ traceback."""
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional
 
 from tqdm import tqdm
 
 EXAMPLES = """examples:
+  zoo finetune                                       fine-tune on the embedded digits data set (CPU, minutes)
+  zoo finetune --model van_b1 --data pets/ --config configs/van.yaml
+  zoo evaluate local-dir:runs/van_b1-pets/best --data pets/
   zoo list 'van_b[0-3]'                              models and where their weights come from
   zoo info efficientmod_s.in1k                       architecture, preprocessing, feature maps, manifest entry
   zoo convert van_b0 van_tiny_754.pth.tar --out van_b0-in1k --verify
@@ -97,6 +101,60 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    from zoo.finetune import RunFolder, finetune, recipe_for_run
+    from zoo.finetune.recipe import Recipe
+    flags = {name: getattr(args, name) for name in Recipe.__dataclass_fields__ if hasattr(args, name)}
+    resumed = RunFolder(args.resume).recipe() if args.resume else None
+    recipe = recipe_for_run(flags, args.config, resumed)
+    main_process = os.environ.get('RANK', '0') == '0'
+    logging.basicConfig(level=logging.INFO if main_process else logging.ERROR, format='%(message)s')
+    result = finetune(recipe, resume=args.resume, force=args.force)
+    if main_process:
+        minutes, seconds = divmod(round(result.seconds), 60)
+        print(f'best validation top-1 {result.best.top1:.2f}% (top-5 {result.best.top5:.2f}%, {result.best.count} '
+              f'images) at epoch {result.best_epoch} of {result.epochs_run}'
+              f'{" (stopped early)" if result.stopped_early else ""}, {minutes}m{seconds:02d}s; wrote '
+              f'{result.folder}: best/ and last/ (Hub folders), metrics.csv, curves.png, confusion.png, state.pth')
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from zoo.finetune import read_image_folder
+    from zoo.finetune.evaluate import confusion_rows, evaluate_folder
+    from zoo.predict import load_model
+    folder = read_image_folder(args.data, val_fraction=None, workers=args.workers)  # checked before the model loads
+    model = load_model(args.model, args.checkpoint)
+    evaluation = evaluate_folder(model, folder, batch_size=args.batch_size, workers=args.workers)
+    classes = folder.classes
+    print(f'{args.model} on {args.data}: top-1 {evaluation.top1:.2f}%, top-5 {evaluation.top5:.2f}%, loss '
+          f'{evaluation.loss:.4f} ({evaluation.count} images, {len(classes)} classes)')
+    if len(classes) <= 20:
+        print('confusion matrix (rows: true class, columns: predicted):')
+        for line in confusion_rows(evaluation, classes):
+            print(f'  {line}')
+    return 0
+
+
+def _recipe_flags(sub: argparse.ArgumentParser) -> None:
+    """One flag per recipe setting (``--batch-size`` for ``batch_size``); only those given override."""
+    from typing import get_args
+    from zoo.finetune.recipe import Recipe
+    for field in Recipe.__dataclass_fields__.values():
+        flag, help_text = '--' + field.name.replace('_', '-'), f"{field.metadata['help']} (default {field.default})"
+        kinds = [k for k in get_args(field.type) if k is not type(None)] or [field.type]
+        if kinds[0] is bool:
+            sub.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif field.name == 'scale':
+            sub.add_argument(flag, nargs=2, type=float, metavar=('MIN', 'MAX'), default=argparse.SUPPRESS,
+                             help=help_text)
+        else:
+            kind = kinds[0] if kinds[0] in (int, float) else str
+            sub.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=field.name.upper(), help=help_text)
+
+
 def _progress(total: int, desc: str, unit: str = 'step') -> tqdm:
     """A progress bar on stderr, shown only on a terminal (pipes and logs get the results alone)."""
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, disable=None)
@@ -126,6 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.set_defaults(run=run)
         return sub
+
+    sub = command('finetune', _finetune, 'fine-tune a model on an image folder (or the embedded digits)',
+                  'Fine-tune any zoo or timm model on an ImageFolder (DATA/train/CLASS/IMAGE and DATA/val/CLASS/IMAGE, '
+                  'or DATA/CLASS/IMAGE split by --val-fraction) with timm\'s transforms, optimizer, scheduler, EMA '
+                  'and mixup. Without --data it trains on scikit-learn\'s handwritten digits. Settings come from the '
+                  'defaults, a --config YAML recipe (configs/), then these flags. The run folder gets best/ and last/ '
+                  'Hub folders, metrics.csv, plots and the state for --resume. Under torchrun every process trains '
+                  'its share (DistributedDataParallel).',
+                  '  zoo finetune\n'
+                  '  zoo finetune --model efficientmod_xs --data flowers/ --config configs/efficientmod.yaml\n'
+                  '  zoo finetune --model od_resnet18 --checkpoint od_resnet18.pth.tar --data pets/ --epochs 20\n'
+                  '  zoo finetune --resume runs/efficientmod_xs-flowers\n'
+                  '  torchrun --nproc_per_node=4 -m zoo.finetune --model van_b2 --data pets/\n')
+    sub.add_argument('--config', help='YAML recipe (its settings are the flags below, with underscores)')
+    sub.add_argument('--resume', type=Path, metavar='RUN_DIR', help='continue the run in RUN_DIR where it stopped')
+    sub.add_argument('--force', action='store_true', help='replace an earlier run in the output folder')
+    _recipe_flags(sub)
+
+    sub = command('evaluate', _evaluate, 'top-1 / top-5 and a confusion matrix on an image folder',
+                  'Score a model on an ImageFolder (its val/ folder if it has one) with the model\'s own '
+                  'preprocessing. Folder classes are matched to the model\'s class names (a fine-tuned model\'s '
+                  'label_names, or ImageNet WordNet ids such as n01440764 for 1000-class models).',
+                  '  zoo evaluate local-dir:runs/van_b0-digits/best --data digits/\n'
+                  '  zoo evaluate van_b0 --checkpoint van_tiny_754.pth.tar --data imagenet-val/\n')
+    sub.add_argument('model', help='MODEL[.TAG], hf-hub:ORG/NAME or local-dir:DIR')
+    sub.add_argument('--data', required=True, type=Path, help='ImageFolder to score')
+    sub.add_argument('--checkpoint', help='weights file to use instead of the published weights')
+    sub.add_argument('--batch-size', type=_positive_int, default=32)
+    sub.add_argument('--workers', type=int, default=2)
 
     sub = command('list', _list, 'registered models, their size and where their weights come from',
                   'List the models zoo registers with timm: family, parameters, pretrained tags and their source.',

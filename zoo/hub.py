@@ -13,10 +13,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
+import yaml
 from safetensors import safe_open
 from timm.models import save_for_hf
 from torch import nn
@@ -47,29 +48,35 @@ def file_sha256(path: PathLike) -> str:
     return digest.hexdigest()
 
 
-def _model_card(model: nn.Module, repo_hint: str, source: Optional[Dict[str, str]]) -> str:
-    cfg = model.pretrained_cfg
+def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: Optional[Dict[str, Any]],
+                finetuned: Optional[Dict[str, Any]]) -> str:
+    """The README.md of a Hub folder; ``cfg`` is the pretrained cfg written to its config.json."""
     entry = load_manifest().get(f'{cfg["architecture"]}.{cfg.get("tag")}') or {}
     license_id = cfg.get('license') or 'unknown'
+    title = cfg['architecture'] + (f' fine-tuned on {finetuned["data"]}' if finetuned else
+                                   f'.{cfg["tag"]}' if cfg.get('tag') else '')
+    made = (f'fine-tuned with zoo {zoo.__version__}' if finetuned else f'converted with zoo {zoo.__version__}')
     lines = [
         '---',
         'tags: [image-classification, timm, zoo]',
         'library_name: timm',
         f'license: {license_id if license_id != "unknown" else "other"}',
         '---',
-        f'# {cfg["architecture"]}' + (f'.{cfg["tag"]}' if cfg.get('tag') else ''),
+        f'# {title}',
         '',
-        f'{type(model).__name__} for image classification ({model.num_classes} classes), in timm\'s format, '
-        f'converted with zoo {zoo.__version__}, the package that registers this architecture with timm.',
+        f'{type(model).__name__} for image classification ({model.num_classes} classes), in timm\'s format, {made}, '
+        f'the package that registers this architecture with timm (`pip install zoo`).',
         '',
     ]
+    if finetuned:
+        lines += _finetuned_lines(finetuned)
     if cfg.get('paper_name'):
         lines.append(f'- Paper: {cfg["paper_name"]} ({cfg.get("paper_ids", "")})')
     if cfg.get('origin_url'):
         lines.append(f'- Original code: {cfg["origin_url"]}')
     lines.append(f'- License: {license_id}' + (' (the original repository names none: ask its authors before '
                                                 'redistributing)' if license_id == 'unknown' else ''))
-    if entry:
+    if entry and not finetuned:
         lines.append(f'- Reported ImageNet-1k top-1: {entry["top1"]} (authors; weights from {weights_location(entry)})')
     if source:
         lines.append(f'- Converted from `{source["file"]}` (sha256 `{source["sha256"]}`, '
@@ -91,9 +98,32 @@ def _model_card(model: nn.Module, repo_hint: str, source: Optional[Dict[str, str
         '',
         'With zoo installed (`import zoo` registers the architecture), `num_classes=` and `features_only=True` work '
         'as for any timm model.',
-        '',
     ]
-    return '\n'.join(lines)
+    if finetuned:
+        lines += _recipe_lines(finetuned['recipe'])
+    return '\n'.join(lines) + '\n'
+
+
+
+def _finetuned_lines(finetuned: Dict[str, Any]) -> List[str]:
+    """The fine-tuning part of a model card: data, classes, recipe and validation results."""
+    classes = list(finetuned['classes'])
+    shown = ', '.join(classes[:20]) + (f', ... ({len(classes)} in all)' if len(classes) > 20 else '')
+    recipe = finetuned['recipe']
+    return [
+        f'- Data: {finetuned["data"]}; classes: {shown}',
+        f'- Validation (epoch {finetuned["epoch"]} of {recipe["epochs"]}): top-1 {finetuned["val_top1"]:.2f}%, '
+        f'top-5 {finetuned["val_top5"]:.2f}% on {finetuned["val_images"]} images',
+        f'- Started from: {finetuned["start"]}',
+        f'- Recipe: {recipe["opt"]}, lr {recipe["lr"]}, weight decay {recipe["weight_decay"]}, {recipe["sched"]} '
+        f'schedule, batch {recipe["batch_size"]}, {recipe["epochs"]} epochs, image size {finetuned["img_size"]}, '
+        f'label smoothing {recipe["label_smoothing"]} (all settings below)',
+    ]
+
+
+def _recipe_lines(recipe: Dict[str, Any]) -> List[str]:
+    """The whole recipe of a fine-tuning run, as ``zoo finetune --config`` reads it."""
+    return ['', '## Training recipe', '', '```yaml', yaml.safe_dump(recipe, sort_keys=False).rstrip(), '```']
 
 
 def _is_zoo_export(folder: Path) -> bool:
@@ -171,7 +201,9 @@ def verify_hub_folder(folder: PathLike) -> str:
 
 
 def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[PathLike] = None, use_ema: bool = False,
-                      repo_hint: str = _REPO_PLACEHOLDER, force: bool = False, verify: bool = False) -> str:
+                      repo_hint: str = _REPO_PLACEHOLDER, force: bool = False, verify: bool = False,
+                      label_names: Optional[Sequence[str]] = None, data_config: Optional[Dict[str, Any]] = None,
+                      finetuned: Optional[Dict[str, Any]] = None) -> str:
     """Write ``model`` as a Hub-ready timm folder (config.json, model.safetensors, README.md).
 
     Args:
@@ -182,6 +214,10 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
         repo_hint: Repo id shown in the model card's usage example.
         force: Replace an earlier export in ``out_dir``.
         verify: Reload the folder and check a forward pass (:func:`verify_hub_folder`) before it is moved in.
+        label_names: Name of each class (config.json's ``label_names``, which ``zoo predict`` prints).
+        data_config: Preprocessing the weights were trained with (timm's data config: input_size, mean, std, ...),
+            recorded in place of the model's pretrained cfg's.
+        finetuned: What a fine-tuning run's model card states (data, classes, recipe, validation metrics).
     Returns:
         The verification report, or '' without ``verify``. The folder is written beside ``out_dir`` and renamed
         into place when complete and verified: on failure ``out_dir`` is as it was.
@@ -193,12 +229,17 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
         if not all(t.is_contiguous() for t in model.state_dict().values()):
             # a channels_last model: safetensors stores contiguous tensors only, and the caller's model stays as it is
             model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-        save_for_hf(model, str(tmp), safe_serialization=True)
+        model_config: Dict[str, Any] = {'label_names': list(label_names)} if label_names else {}
+        if finetuned:  # the weights are no longer those of the architecture's pretrained tag
+            model_config['pretrained_cfg'] = {'tag': 'finetuned'}
+        save_for_hf(model, str(tmp), model_config=model_config or None, data_config=data_config,
+                    safe_serialization=True)
         config = json.loads((tmp / 'config.json').read_text())
         config.get('model_args', {}).pop('pretrained_use_ema', None)  # which weights were read, not architecture
         config['zoo'] = {'version': zoo.__version__, **({'source': record} if record else {})}
         (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
-        (tmp / 'README.md').write_text(_model_card(model, repo_hint, record))
+        written_cfg = dict(config['pretrained_cfg'], architecture=config['architecture'])
+        (tmp / 'README.md').write_text(_model_card(model, written_cfg, repo_hint, record, finetuned))
         _apply_umask(tmp)
         report = verify_hub_folder(tmp) if verify else ''
         _move_into_place(tmp, out_dir)

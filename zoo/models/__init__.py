@@ -1,5 +1,6 @@
 """timm-native model families; importing this package registers every entrypoint with timm."""
-from typing import List, Optional, Tuple
+import difflib
+from typing import List, Optional, Sequence, Tuple
 
 import timm
 
@@ -13,7 +14,8 @@ from .xvolution_resnet import XVolutionResNet
 
 __all__ = [
     'FAMILY_MODULES', 'EfficientMod', 'ODMobileNetV2', 'ODResNet', 'VAN', 'XVolutionResNet',
-    'create_model_from_checkpoint', 'list_zoo_models', 'load_manifest', 'resolve_model_name', 'weights_location',
+    'check_timm_model_name', 'create_model_from_checkpoint', 'list_zoo_models', 'load_manifest', 'resolve_model_name',
+    'weights_location',
 ]
 
 # timm records a model's module as the last component of its Python module name
@@ -25,12 +27,28 @@ def list_zoo_models(pattern: str = '*') -> List[str]:
     return sorted(name for module in FAMILY_MODULES for name in timm.list_models(pattern, module=module))
 
 
+def _unknown_model(model: str, known: Sequence[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(model, known, n=3, cutoff=0.75)
+    hint = f'did you mean {" or ".join(close)}? ' if close else ''
+    return ValueError(f'unknown model {model!r}: {hint}{where}')
+
+
 def resolve_model_name(name: str) -> Tuple[str, Optional[str]]:
     """``MODEL`` or ``MODEL.TAG`` of a zoo model -> (model, tag or None); a clear error for anything else."""
     model, _, tag = name.partition('.')
     if model not in list_zoo_models():
-        raise ValueError(f'unknown model {model!r}: `zoo list` shows the models zoo registers')
+        raise _unknown_model(model, list_zoo_models(), '`zoo list` shows the models zoo registers')
     if tag and name not in timm.list_models(model, include_tags=True):
         known = ', '.join(t.split('.', 1)[1] for t in timm.list_models(model, include_tags=True))
         raise ValueError(f'unknown tag {tag!r} for {model}: it has {known}')
     return model, tag or None
+
+
+def check_timm_model_name(name: str) -> None:
+    """Raise a clear error unless ``name`` is a timm model (zoo's included), ``MODEL.TAG``, ``hf-hub:`` or
+    ``local-dir:``."""
+    if name.startswith(('hf-hub:', 'local-dir:')):
+        return
+    model = name.partition('.')[0]
+    if not timm.is_model(model):
+        raise _unknown_model(model, timm.list_models(), '`zoo list` shows zoo\'s models, timm.list_models() all')

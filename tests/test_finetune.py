@@ -1,0 +1,229 @@
+"""``zoo finetune``: timm's factories on an ImageFolder, ODConv's temperature, exact resumption, Hub-ready results that
+load, publish and predict, several processes under torchrun, and one clear line for every bad input."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import zoo.finetune.trainer as trainer
+from zoo.finetune import RunFolderError, finetune, resolve_recipe
+from zoo.layers import odconv_temperature
+from zoo.models import create_model_from_checkpoint
+from helpers import RunsCodeWhenUnpickled, run_zoo_here, write_image_folder
+
+QUICK = dict(pretrained=False, img_size=32, batch_size=8, workers=0, epochs=3, lr=2e-3, warmup_epochs=0, hflip=0.0,
+             scale=(0.7, 1.0))
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp('data'), per_class=8, val_per_class=3)
+
+
+def _run(tmp_path, data, **settings):
+    recipe = resolve_recipe(dict(QUICK, data=str(data), output=str(tmp_path / 'run'), **settings))
+    return finetune(recipe)
+
+
+def _metrics(folder):
+    with open(folder / 'metrics.csv', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('model_name', ['van_b0', 'od_resnet18', 'od_mobilenetv2_050', 'efficientmod_xxs',
+                                        'xvolution_resnet34'])
+def test_a_short_finetune_of_each_family_lowers_the_training_loss(tmp_path, data, model_name):
+    result = _run(tmp_path, data, model=model_name, img_size=64)
+    losses = [float(row['train_loss']) for row in _metrics(result.folder)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path, data, monkeypatch):
+    whole = _run(tmp_path / 'whole', data, mixup=0.2, ema_decay=0.9)
+
+    end_epoch = trainer._Run.end_epoch
+
+    def interrupted_after_two_epochs(run, epoch, *args):
+        end_epoch(run, epoch, *args)
+        if epoch == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(trainer._Run, 'end_epoch', interrupted_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / 'cut', data, mixup=0.2, ema_decay=0.9)
+    monkeypatch.setattr(trainer._Run, 'end_epoch', end_epoch)
+    folder = tmp_path / 'cut' / 'run'
+    assert len(_metrics(folder)) == 2
+    assert run_zoo_here('finetune', '--resume', folder).returncode == 0
+    for got, want in zip(_metrics(folder), _metrics(whole.folder), strict=True):
+        for column in ('train_loss', 'val_loss', 'val_top1', 'lr'):
+            assert float(got[column]) == pytest.approx(float(want[column]), rel=0, abs=1e-6), column
+
+
+class TestOdconvTemperature:
+    @pytest.fixture
+    def temperatures(self, monkeypatch):
+        """The temperature the trainer sets before each training step."""
+        seen = []
+        monkeypatch.setattr(trainer, 'set_temperature', lambda model, t: seen.append(t))
+        return seen
+
+    def test_untrained_odconv_layers_anneal_30_to_1_per_iteration(self, tmp_path, data, temperatures):
+        result = _run(tmp_path, data, model='od_resnet18', epochs=2, temperature_epochs=1.5)
+        steps = len(temperatures) // 2 - 1  # each epoch: its training steps, then 1.0 for validation
+        expected = [odconv_temperature(epoch + i / steps, 30., 1., 1.5) for epoch in range(2) for i in range(steps)]
+        assert [t for t in temperatures if t != 1.0] == pytest.approx([t for t in expected if t != 1.0])
+        assert [float(row['temperature']) for row in _metrics(result.folder)] == pytest.approx(
+            [odconv_temperature(1, 30., 1., 1.5), 1.0])
+
+    def test_trained_odconv_layers_stay_at_1(self, tmp_path, data, temperatures):
+        torch.save(timm.create_model('od_resnet18').state_dict(), tmp_path / 'trained.pth')
+        _run(tmp_path, data, model='od_resnet18', checkpoint=str(tmp_path / 'trained.pth'), epochs=1)
+        assert set(temperatures) == {1.0}
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory, data):
+    return _run(tmp_path_factory.mktemp('finished'), data, epochs=2)
+
+
+class TestResults:
+    def test_the_run_folder_holds_what_the_run_made(self, finished_run):
+        folder = finished_run.folder
+        assert {p.name for p in folder.iterdir()} == {'best', 'last', 'config.yaml', 'metrics.csv', 'curves.png',
+                                                      'confusion.png', 'state.pth'}
+        assert [int(row['epoch']) for row in _metrics(folder)] == [1, 2]
+        card = (folder / 'best' / 'README.md').read_text()
+        assert 'classes: cat, dog, fox' in card and 'ImageNet' not in card and 'pip install zoo' in card
+
+    def test_best_loads_with_local_dir_and_as_a_checkpoint_file_with_its_class_names(self, finished_run):
+        best = finished_run.folder / 'best'
+        model = timm.create_model(f'local-dir:{best}', pretrained=True).eval()
+        assert model.pretrained_cfg['label_names'] == ['cat', 'dog', 'fox']
+        assert model.pretrained_cfg['input_size'] == (3, 32, 32)
+        same = create_model_from_checkpoint('van_b0', best / 'model.safetensors').eval()
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(same(x), model(x), rtol=0, atol=0)
+
+    def test_publish_dry_run_accepts_it(self, finished_run):
+        result = run_zoo_here('publish', finished_run.folder / 'best', '--repo-id', 'me/van-pets', '--dry-run')
+        assert result.returncode == 0, result.stderr
+        assert 'is a valid zoo export' in result.stdout
+
+    def test_predict_prints_its_class_names(self, finished_run, data):
+        result = run_zoo_here('predict', f'local-dir:{finished_run.folder / "best"}', data / 'val' / 'dog' / '0.png',
+                              '--top-k', '3')
+        assert result.returncode == 0, result.stderr
+        assert sorted(line.split('%')[1].strip() for line in result.stdout.splitlines()[1:]) == ['cat', 'dog', 'fox']
+
+    def test_evaluate_scores_the_validation_folder(self, finished_run, data):
+        result = run_zoo_here('evaluate', f'local-dir:{finished_run.folder / "best"}', '--data', data)
+        assert result.returncode == 0, result.stderr
+        top1 = float(result.stdout.split('top-1 ')[1].split('%')[0])
+        assert top1 == pytest.approx(finished_run.best.top1, abs=1e-6)
+
+
+def test_evaluate_matches_an_independent_count_on_a_converted_official_checkpoint(tmp_path, reference):
+    """van_b0 with the official fixture weights, on a folder of ImageNet class folders: top-1 and top-5 as the test
+    counts them from the model's own outputs."""
+    from PIL import Image
+    ref = reference('van_b0')
+    torch.save(ref.state_dict, tmp_path / 'van_tiny_754.pth')
+    model = create_model_from_checkpoint('van_b0', tmp_path / 'van_tiny_754.pth').eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    names = timm.data.ImageNetInfo().label_names()
+    images = [Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()) for _ in range(6)]
+    with torch.no_grad():
+        top5 = model(torch.stack([transform(im) for im in images])).topk(5).indices
+    # image i goes into the class of its (i % 3)-th best guess: top-1 hits for i = 0 and 3, top-5 for all
+    for i, image in enumerate(images):
+        folder = tmp_path / 'data' / names[top5[i, i % 3]]
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f'{i}.png')
+    result = run_zoo_here('evaluate', 'van_b0', '--checkpoint', tmp_path / 'van_tiny_754.pth', '--data',
+                          tmp_path / 'data')
+    assert result.returncode == 0, result.stderr
+    assert 'top-1 33.33%, top-5 100.00%' in result.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_save_once(tmp_path, data):
+    output = tmp_path / 'run'
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '-m', 'zoo.finetune', '--data', data,
+         '--model', 'van_b0', '--no-pretrained', '--img-size', '32', '--epochs', '1', '--batch-size', '4',
+         '--workers', '0', '--output', output], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count('best validation top-1') == 1  # rank 0 alone reports
+    assert sorted(p.name for p in output.iterdir()) == ['best', 'config.yaml', 'confusion.png', 'curves.png', 'last',
+                                                         'metrics.csv', 'state.pth']  # and writes, once
+    model = timm.create_model(f'local-dir:{output / "best"}', pretrained=True)
+    assert model.pretrained_cfg['label_names'] == ['cat', 'dog', 'fox']
+    assert json.loads((output / 'best' / 'config.json').read_text())['num_classes'] == 3
+
+
+def test_fewer_images_than_the_batch_size_train_in_one_partial_batch(tmp_path):
+    data = write_image_folder(tmp_path / 'small', per_class=3)
+    result = _run(tmp_path, data, batch_size=64, epochs=1)
+    assert result.best.count == 3  # one image of each class held out
+
+
+def test_unreadable_files_are_skipped_with_a_count(tmp_path, caplog):
+    data = write_image_folder(tmp_path / 'data', per_class=4)
+    (data / 'cat' / 'notes.txt').write_text('not an image')
+    (data / 'dog' / 'cut.png').write_bytes((data / 'dog' / '0.png').read_bytes()[:100])
+    with caplog.at_level('WARNING'):
+        _run(tmp_path, data, epochs=1)
+    assert any('skipped 2 files that are not readable images' in r.getMessage() for r in caplog.records)
+
+
+def _bad_inputs(tmp_path):
+    """(name, argv, expected message) of each way a user can get a fine-tuning run wrong."""
+    good = write_image_folder(tmp_path / 'good', per_class=3)
+    (tmp_path / 'empty').mkdir()
+    no_images = write_image_folder(tmp_path / 'no_images', per_class=2)
+    for image in (no_images / 'fox').iterdir():
+        image.unlink()
+    (tmp_path / 'bad.yaml').write_text('model: van_b0\nlearning_rate: 0.1\n')
+    (tmp_path / 'other_run').mkdir()
+    (tmp_path / 'other_run' / 'config.yaml').write_text('model: van_b0\n')
+    (tmp_path / 'evil.pth').write_bytes(b'')
+    torch.save({'state_dict': {}, 'args': RunsCodeWhenUnpickled(tmp_path / 'code_ran')}, tmp_path / 'evil.pth')
+    quick = ['--no-pretrained', '--img-size', '32', '--epochs', '1', '--workers', '0']
+    return [
+        ('missing data folder', ['finetune', '--data', tmp_path / 'absent', *quick], 'no such data folder'),
+        ('empty data folder', ['finetune', '--data', tmp_path / 'empty', *quick], 'has no class folders'),
+        ('class without images', ['finetune', '--data', no_images, *quick], 'class folder fox has no readable images'),
+        ('unknown config key', ['finetune', '--config', tmp_path / 'bad.yaml'], "unknown recipe setting 'learning_rate'"),
+        ('missing config', ['finetune', '--config', tmp_path / 'absent.yaml'], 'cannot read the recipe'),
+        ('output holds another run', ['finetune', '--data', good, '--output', tmp_path / 'other_run', *quick],
+         'holds an earlier run: pass --resume'),
+        ('resume another model', ['finetune', '--resume', tmp_path / 'other_run', '--model', 'od_resnet18'],
+         'a resumed run keeps its recipe: --model differs'),
+        ('resume a folder that is no run', ['finetune', '--resume', tmp_path / 'empty'], 'is not a zoo run'),
+        ('unsafe checkpoint', ['finetune', '--data', good, '--model', 'van_b0', '--checkpoint', tmp_path / 'evil.pth',
+                               '--output', tmp_path / 'out', *quick], 'refused to unpickle'),
+        ('unknown model', ['finetune', '--data', good, '--model', 'van_bo', '--output', tmp_path / 'out', *quick],
+         'van_bo'),
+        ('evaluate without data', ['evaluate', 'van_b0', '--data', tmp_path / 'absent'], 'no such data folder'),
+    ]
+
+
+def test_bad_input_ends_in_one_line_and_leaves_nothing_behind(tmp_path):
+    for name, argv, message in _bad_inputs(tmp_path):
+        before = sorted(p.name for p in tmp_path.iterdir())
+        result = run_zoo_here(*argv)
+        assert result.returncode == 1, (name, result.stdout, result.stderr)
+        assert result.stderr.count('\n') == 1 and result.stderr.startswith('zoo: '), (name, result.stderr)
+        assert message in result.stderr, (name, result.stderr)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, name
+    assert not (tmp_path / 'code_ran').exists()
+
+
+def test_a_run_folder_is_not_replaced_without_force(tmp_path, finished_run):
+    with pytest.raises(RunFolderError, match='holds an earlier run'):
+        finetune(resolve_recipe(dict(QUICK, output=str(finished_run.folder), data='x')))

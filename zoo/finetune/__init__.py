@@ -1,0 +1,12 @@
+"""Fine-tuning: ``zoo finetune`` and ``python -m zoo.finetune`` (so ``torchrun ... -m zoo.finetune``)."""
+from .data import DataError, read_image_folder
+from .evaluate import Evaluation, evaluate, evaluate_folder
+from .recipe import DIGITS_DEFAULTS, Recipe, RecipeError, recipe_for_run, resolve_recipe
+from .run_folder import RunFolder, RunFolderError
+from .trainer import FinetuneResult, finetune
+
+__all__ = [
+    'DIGITS_DEFAULTS', 'DataError', 'Evaluation', 'FinetuneResult', 'Recipe', 'RecipeError', 'RunFolder',
+    'RunFolderError', 'evaluate', 'evaluate_folder', 'finetune', 'read_image_folder', 'recipe_for_run',
+    'resolve_recipe',
+]

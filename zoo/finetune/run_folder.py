@@ -1,0 +1,154 @@
+"""The folder a fine-tuning run writes: its recipe, per-epoch metrics, plots, the training state for ``--resume``,
+and ``best/`` / ``last/`` Hub-ready model folders. Every file is written beside its place and renamed into it, so an
+interrupted run never leaves a half-written file.
+
+    RUN/config.yaml      the resolved recipe (``zoo finetune --config RUN/config.yaml`` repeats the run)
+    RUN/metrics.csv      one row per epoch
+    RUN/curves.png       loss and accuracy per epoch
+    RUN/confusion.png    the best model's validation confusion matrix
+    RUN/state.pth        model, optimizer, scheduler, scaler, EMA, epoch and the best result so far
+    RUN/best/, RUN/last/ timm Hub folders (config.json with label_names, model.safetensors, README.md)
+"""
+import csv
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence
+
+import torch
+import yaml
+
+from zoo.convert import read_checkpoint
+from .evaluate import Evaluation
+
+__all__ = ['RunFolder', 'RunFolderError']
+
+METRIC_COLUMNS = ('epoch', 'train_loss', 'val_loss', 'val_top1', 'val_top5', 'lr', 'temperature', 'train_img_s',
+                  'seconds')
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be started, replaced or resumed."""
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the finished file gets the user's usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunFolder:
+    """The files of one run (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def is_run(self) -> bool:
+        return (self.path / 'config.yaml').is_file()
+
+    def check_new(self, force: bool) -> None:
+        """Raise unless a new run may be written here: absent or empty, or with ``force`` an earlier run."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f'{self.path} exists and is not a folder')
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not self.is_run():
+                raise RunFolderError(f'{self.path} holds files that are not a zoo run: choose another --output')
+            if not force:
+                raise RunFolderError(f'{self.path} holds an earlier run: pass --resume {self.path} to continue it '
+                                     f'or --force to replace it')
+
+    def create(self, force: bool) -> None:
+        """Make the folder of a new run (an earlier run in it is replaced with ``force``)."""
+        self.check_new(force)
+        if self.path.is_dir() and any(self.path.iterdir()):
+            shutil.rmtree(self.path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunFolderError(f'cannot write {self.path}: {e.strerror or e}') from e
+
+    def recipe(self) -> Dict[str, Any]:
+        """The recipe of the run in this folder (for ``--resume``)."""
+        if not self.is_run():
+            raise RunFolderError(f'{self.path} is not a zoo run (no config.yaml): nothing to resume')
+        return yaml.safe_load((self.path / 'config.yaml').read_text(encoding='utf-8'))
+
+    def write_recipe(self, recipe: Dict[str, Any]) -> None:
+        _atomic_write(self.path / 'config.yaml',
+                      lambda tmp: tmp.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding='utf-8'))
+
+    def save_state(self, state: Dict[str, Any]) -> None:
+        _atomic_write(self.path / 'state.pth', lambda tmp: torch.save(state, tmp))
+
+    def load_state(self) -> Dict[str, Any]:
+        path = self.path / 'state.pth'
+        if not path.is_file():
+            raise RunFolderError(f'{self.path} has no state.pth: the run ended before its first epoch')
+        return read_checkpoint(path)
+
+    def metrics(self) -> List[Dict[str, float]]:
+        path = self.path / 'metrics.csv'
+        if not path.is_file():
+            return []
+        with open(path, newline='') as f:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+    def write_metrics(self, rows: Sequence[Dict[str, float]]) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write(self.path / 'metrics.csv', lambda tmp: tmp.write_text(text.getvalue()))
+
+    def plot_curves(self, rows: Sequence[Dict[str, float]]) -> None:
+        """Training and validation loss, validation top-1 per epoch, as curves.png."""
+        plt = _pyplot()
+        epochs = [int(r['epoch']) for r in rows]
+        fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.4))
+        loss_ax.plot(epochs, [r['train_loss'] for r in rows], marker='o', label='train')
+        loss_ax.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='validation')
+        loss_ax.set(xlabel='epoch', ylabel='loss', title='loss')
+        loss_ax.legend()
+        acc_ax.plot(epochs, [r['val_top1'] for r in rows], marker='o', color='tab:green')
+        acc_ax.set(xlabel='epoch', ylabel='top-1 (%)', title='validation accuracy')
+        acc_ax.grid(alpha=0.3)
+        fig.tight_layout()
+        _atomic_write(self.path / 'curves.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+        plt.close(fig)
+
+    def plot_confusion(self, evaluation: Evaluation, classes: Sequence[str]) -> None:
+        """The validation confusion matrix (rows: true class, columns: predicted) as confusion.png."""
+        plt = _pyplot()
+        matrix = evaluation.confusion[:, :-1].numpy()
+        size = min(12., 2.5 + 0.45 * len(classes))
+        fig, ax = plt.subplots(figsize=(size, size))
+        ax.imshow(matrix, cmap='Blues')
+        ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel='predicted', ylabel='true',
+               title=f'validation: top-1 {evaluation.top1:.1f}% of {evaluation.count}')
+        ax.set_xticklabels(classes, rotation=90 if len(classes) > 10 else 0)
+        ax.set_yticklabels(classes)
+        if len(classes) <= 30:
+            for (i, j), count in ((ij, matrix[ij]) for ij in zip(*matrix.nonzero())):
+                ax.text(j, i, str(count), ha='center', va='center', fontsize=8,
+                        color='white' if count > matrix.max() / 2 else 'black')
+        fig.tight_layout()
+        _atomic_write(self.path / 'confusion.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+        plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
