@@ -42,6 +42,34 @@ def test_a_short_finetune_of_each_family_lowers_the_training_loss(tmp_path, data
     assert len(losses) == 3 and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize('settings', [
+    dict(amp='bf16'), dict(channels_last=True), dict(accumulate=2, clip_grad=1.0, clip_mode='norm'),
+    dict(randaugment='rand-m9-mstd0.5', cutmix=1.0, mixup=0.8), dict(layer_decay=0.75, ema_decay=0.99),
+    pytest.param(dict(compile=True), marks=pytest.mark.slow),
+], ids=['bf16', 'channels_last', 'accumulate_and_clip', 'randaugment_mixup_cutmix', 'layer_decay_ema', 'compile'])
+def test_training_options_run_and_learn(tmp_path, data, settings):
+    result = _run(tmp_path, data, epochs=2, **settings)
+    rows = _metrics(result.folder)
+    assert all(torch.isfinite(torch.tensor(float(row['train_loss']))) for row in rows)
+    assert result.best.top1 > 100 / 3  # better than chance on three colour classes
+
+
+def test_freeze_backbone_trains_the_classifier_only(tmp_path, data):
+    start = timm.create_model('van_b0', num_classes=3)
+    torch.save(start.state_dict(), tmp_path / 'start.pth')
+    result = _run(tmp_path, data, checkpoint=str(tmp_path / 'start.pth'), freeze_backbone=True, epochs=1)
+    trained = timm.create_model(f'local-dir:{result.folder / "last"}', pretrained=True)
+    for name, value in trained.state_dict().items():
+        changed = not torch.equal(value, start.state_dict()[name])
+        assert changed == name.startswith('head.'), name  # BatchNorm statistics included
+
+
+def test_patience_stops_a_run_that_no_longer_improves(tmp_path, data):
+    # nothing changes (no step, BatchNorm statistics frozen): validation is the same every epoch
+    result = _run(tmp_path, data, epochs=6, lr=0.0, warmup_lr=0.0, min_lr=0.0, freeze_backbone=True, patience=2)
+    assert result.stopped_early and result.epochs_run == 3 and result.best_epoch == 1
+
+
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path, data, monkeypatch):
     whole = _run(tmp_path / 'whole', data, mixup=0.2, ema_decay=0.9)
 

@@ -110,14 +110,14 @@ def _finetune(args: argparse.Namespace) -> int:
     resumed = RunFolder(args.resume).recipe() if args.resume else None
     recipe = recipe_for_run(flags, args.config, resumed)
     main_process = os.environ.get('RANK', '0') == '0'
-    logging.basicConfig(level=logging.INFO if main_process else logging.ERROR, format='%(message)s')
+    logging.basicConfig(level=logging.WARNING, format='%(message)s')
+    logging.getLogger('zoo').setLevel(logging.INFO if main_process else logging.ERROR)
     result = finetune(recipe, resume=args.resume, force=args.force)
     if main_process:
         minutes, seconds = divmod(round(result.seconds), 60)
         print(f'best validation top-1 {result.best.top1:.2f}% (top-5 {result.best.top5:.2f}%, {result.best.count} '
-              f'images) at epoch {result.best_epoch} of {result.epochs_run}'
-              f'{" (stopped early)" if result.stopped_early else ""}, {minutes}m{seconds:02d}s; wrote '
-              f'{result.folder}: best/ and last/ (Hub folders), metrics.csv, curves.png, confusion.png, state.pth')
+              f'images) at epoch {result.best_epoch}/{result.epochs_run}'
+              f'{" (stopped early)" if result.stopped_early else ""}, {minutes}m{seconds:02d}s -> {result.folder}')
     return 0
 
 

@@ -196,7 +196,7 @@ class _Run:
         device, recipe = self.processes.device, self.recipe
         autocast = torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         self._set_train_mode()
-        total, count, start = torch.zeros(2, dtype=torch.float64), 0, time.perf_counter()
+        total, count, hits, start = torch.zeros(2, dtype=torch.float64), 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f'epoch {epoch + 1}/{recipe.epochs}', unit='batch', leave=False,
                    disable=not self.processes.is_main or None)
         for i, (images, targets) in enumerate(bar):
@@ -211,14 +211,23 @@ class _Run:
             sync = contextlib.nullcontext() if step_now or not self.processes.distributed else self.train_model.no_sync()
             with sync:
                 with autocast:
-                    loss = self._loss(self.train_model(images), targets)
+                    logits = self.train_model(images)
+                    loss = self._loss(logits, targets)
                 (self.scaler.scale(loss) if self.scaler else loss).div(recipe.accumulate).backward()
             if step_now:
                 self._step(epoch * self.steps_per_epoch + i // recipe.accumulate + 1)
             total += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)
             count += len(images)
-            bar.set_postfix(loss=f'{total[0] / total[1]:.3f}', img_s=f'{count / (time.perf_counter() - start):.0f}',
-                            lr=f'{self.optimizer.param_groups[0]["lr"]:.2e}', refresh=False)
+            if bar.disable:
+                continue
+            status = dict(loss=f'{total[0] / total[1]:.3f}', img_s=f'{count / (time.perf_counter() - start):.0f}',
+                          lr=f'{self.optimizer.param_groups[0]["lr"]:.2e}')
+            if self.mixup is None:  # mixed targets have no accuracy
+                hits += (logits.argmax(1) == targets).sum().item()
+                status['acc'] = f'{100 * hits / count:.1f}%'
+            if self.anneal:
+                status['T'] = f'{self._temperature(epoch + i / len(loader)):.2f}'
+            bar.set_postfix(status, refresh=False)
         seconds = time.perf_counter() - start
         if self.processes.distributed:
             torch.distributed.all_reduce(total)
@@ -346,6 +355,10 @@ def _train(run: _Run) -> FinetuneResult:
                      f'{run.processes.device.type}, from {run.start}' +
                      (f'; ODConv temperature {recipe.temperature_initial:g} -> 1 over {recipe.temperature_epochs:g} '
                       f'epochs' if run.anneal else ''))
+    if run.anneal and recipe.temperature_epochs > recipe.epochs and run.processes.is_main:
+        _logger.warning(f'the ODConv temperature anneals over {recipe.temperature_epochs:g} epochs but the run has '
+                        f'{recipe.epochs}: it ends above 1, while validation and the exports run at 1 (the inference '
+                        f'temperature); lower --temperature-epochs or train longer')
     for epoch in range(run.epoch, recipe.epochs):
         epoch_start = time.perf_counter()
         train_loss, img_s = run.train_epoch(epoch)
