@@ -11,7 +11,7 @@ import torch
 
 import zoo.finetune.trainer as trainer
 from zoo.finetune import RunFolderError, finetune, resolve_recipe
-from zoo.layers import odconv_temperature
+from zoo.layers import ODConv2d, odconv_temperature
 from zoo.models import create_model_from_checkpoint
 from helpers import RunsCodeWhenUnpickled, run_zoo_here, write_image_folder
 
@@ -111,6 +111,17 @@ class TestOdconvTemperature:
         torch.save(timm.create_model('od_resnet18').state_dict(), tmp_path / 'trained.pth')
         _run(tmp_path, data, model='od_resnet18', checkpoint=str(tmp_path / 'trained.pth'), epochs=1)
         assert set(temperatures) == {1.0}
+
+
+def test_convert_puts_odconv_into_a_trained_cnn_anneals_it_and_exports_the_replaced_model(tmp_path, data):
+    """--convert: the new ODConv layers start untrained, so they anneal even though the CNN's weights are trained."""
+    torch.save(timm.create_model('resnet18', num_classes=3).state_dict(), tmp_path / 'resnet18.pth')
+    result = _run(tmp_path, data, model='resnet18', checkpoint=str(tmp_path / 'resnet18.pth'), convert='odconv',
+                  epochs=1, temperature_epochs=2.0)
+    assert float(_metrics(result.folder)[0]['temperature']) == pytest.approx(odconv_temperature(1, 30., 1., 2.))
+    model = timm.create_model(f'local-dir:{result.folder / "best"}', pretrained=True)
+    assert model.pretrained_cfg['architecture'] == 'replaced_convs'
+    assert sum(isinstance(m, ODConv2d) for m in model.modules()) == 19  # every conv of resnet18 but its stem
 
 
 @pytest.fixture(scope='module')

@@ -52,7 +52,10 @@ def _info(args: argparse.Namespace) -> int:
     entry = info['manifest']
     if entry:
         from zoo.models import weights_location
-        print(f"weights: {weights_location(entry)}; top-1 {entry['top1']} (reported); license {entry['license']}")
+        accuracy = f"top-1 {entry['top1']} (reported)" if entry['top1'] is not None else 'no reported top-1'
+        print(f"weights: {weights_location(entry)}; {accuracy}; license {entry['license']}")
+        if entry.get('note'):
+            print(f"note: {entry['note']}")
     else:
         print('weights: none published for this tag')
     return 0
@@ -138,6 +141,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from zoo.export import export_onnx
+    from zoo.predict import load_model
+    model = load_model(args.model, args.checkpoint)
+    input_size = (model.pretrained_cfg['input_size'][0], args.img_size, args.img_size) if args.img_size else None
+    result = export_onnx(model, args.out, input_size=input_size, reparameterize=args.reparam,
+                         dynamic_batch=args.dynamic_batch)
+    batch = 'a free batch dimension' if result.dynamic_batch else 'batch 1'
+    print(f'wrote {result.path} ({result.bytes / 1e6:.1f} MB, input {result.input_size} with {batch}'
+          f'{", reparameterized" if args.reparam else ""}); onnxruntime matches PyTorch at batch '
+          f'{result.checked_batch} to {result.max_abs_diff:.1e}')
+    return 0
+
+
 def _recipe_flags(sub: argparse.ArgumentParser) -> None:
     """One flag per recipe setting (``--batch-size`` for ``batch_size``); only those given override."""
     from typing import get_args
@@ -213,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument('--checkpoint', help='weights file to use instead of the published weights')
     sub.add_argument('--batch-size', type=_positive_int, default=32)
     sub.add_argument('--workers', type=int, default=2)
+
+    sub = command('export', _export, 'export a model to ONNX, checked against PyTorch',
+                  'Export a model (a tag, hf-hub:/local-dir: folder, or a checkpoint file zoo reads) with PyTorch\'s '
+                  'exporter, check the file with onnx\'s checker and compare onnxruntime\'s outputs with PyTorch\'s '
+                  '(max abs <= 1e-4, at another batch size than exported with a free batch) before it is moved into '
+                  'place. Needs pip install "zoo[onnx]".',
+                  '  zoo export van_b0 --out van_b0.onnx --reparam\n'
+                  '  zoo export local-dir:runs/van_b0-digits/best --out digits.onnx\n'
+                  '  zoo export od_resnet18 --checkpoint od_resnet18.pth.tar --out od_resnet18.onnx --img-size 256\n')
+    sub.add_argument('model', help='MODEL[.TAG], hf-hub:ORG/NAME or local-dir:DIR')
+    sub.add_argument('--out', required=True, type=Path, help='ONNX file to write')
+    sub.add_argument('--format', choices=['onnx'], default='onnx', help='export format (onnx)')
+    sub.add_argument('--checkpoint', help='weights file to use instead of the published weights')
+    sub.add_argument('--reparam', action='store_true', help='export the reparameterized (deploy) form')
+    sub.add_argument('--dynamic-batch', action=argparse.BooleanOptionalAction, default=True,
+                     help='leave the batch dimension free (default; --no-dynamic-batch fixes it at 1)')
+    sub.add_argument('--img-size', type=_positive_int, help='input height and width (default: the pretrained cfg\'s)')
 
     sub = command('list', _list, 'registered models, their size and where their weights come from',
                   'List the models zoo registers with timm: family, parameters, pretrained tags and their source.',

@@ -77,7 +77,8 @@ def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: O
     lines.append(f'- License: {license_id}' + (' (the original repository names none: ask its authors before '
                                                 'redistributing)' if license_id == 'unknown' else ''))
     if entry and not finetuned:
-        lines.append(f'- Reported ImageNet-1k top-1: {entry["top1"]} (authors; weights from {weights_location(entry)})')
+        lines.append(f'- Reported ImageNet-1k top-1: {entry["top1"]} (authors; weights from {weights_location(entry)})'
+                     if entry['top1'] is not None else f'- Weights from {weights_location(entry)}: {entry["note"]}')
     if source:
         lines.append(f'- Converted from `{source["file"]}` (sha256 `{source["sha256"]}`, '
                      f'{"EMA" if source["ema"] else "plain"} weights)')

@@ -20,6 +20,7 @@ __all__ = [
 ]
 
 Replacement = Union[str, Callable[['re.Match[str]'], str]]
+OntoModel = Callable[[Dict[str, torch.Tensor], Set[str]], Dict[str, torch.Tensor]]  # (state dict, model keys) -> ...
 Describe = Callable[[Mapping[str, torch.Tensor]], str]  # state dict -> what it is, e.g. 'kernel_num 4, widths ...'
 
 # keys that hold the weights in the training containers of timm, DDP, mmengine and the official repos
@@ -37,11 +38,17 @@ class SourceLayout:
         marker: Regex that a key of this layout, and of no other layout of the family, matches in full.
         rules: (regex, replacement) pairs applied in order to every key with ``re.sub``.
         dropped: Regexes of keys with no counterpart in the model, dropped on purpose.
+        onto_model: Renames that depend on the target model's keys (after the rules), e.g. which convs of a plain
+            ResNet became X-volutions.
+        added: Regexes of model keys this layout lacks on purpose: they keep the model's initialisation (e.g. an
+            X-volution's attention branch, when the weights are a plain ResNet's).
     """
     name: str
     marker: str
     rules: Tuple[Tuple[str, Replacement], ...] = ()
     dropped: Tuple[str, ...] = ()
+    onto_model: Optional[OntoModel] = None
+    added: Tuple[str, ...] = ()
 
     def matches(self, keys: Iterable[str]) -> bool:
         return any(re.fullmatch(self.marker, k) for k in keys)
@@ -198,6 +205,12 @@ class CheckpointLayouts:
         """``checkpoint`` (a state dict or a training container, any layout) as ``model``'s state dict, checked key
         by key and shape by shape: timm's ``pretrained_filter_fn`` of the family's models."""
         layout, state_dict = self._renamed(checkpoint, use_ema)
+        if layout.onto_model is not None or layout.added:
+            target = model.state_dict()
+            if layout.onto_model is not None:
+                state_dict = layout.onto_model(state_dict, set(target))
+            state_dict.update({k: v for k, v in target.items() if k not in state_dict
+                               and any(re.fullmatch(pattern, k) for pattern in layout.added)})
         check_state_dict(state_dict, model, layout.name, self.describe)
         return state_dict
 

@@ -31,6 +31,10 @@ class Recipe:
     pretrained: bool = _setting(True, "start from the model's published weights")
     checkpoint: Optional[str] = _setting(None, 'start from this checkpoint file instead (any layout zoo reads)')
     drop_path: Optional[float] = _setting(None, "stochastic depth rate; the model's default if None")
+    convert: Optional[str] = _setting(None, "replace the model's convs first: 'odconv', 'xvolution' or 'xvolution_sa'")
+    convert_include: Optional[str] = _setting(None, 'comma-separated module-name globs of the convs to replace; '
+                                                    "the papers' placement if none")
+    convert_kernel_num: int = _setting(1, 'kernels per ODConv when converting to odconv')
     # data
     data: Optional[str] = _setting(None, 'ImageFolder root (train/ and val/, or class folders); none: the digits')
     val_fraction: float = _setting(0.2, 'held out for validation when the folder has no val/')
@@ -85,7 +89,7 @@ _RESUMABLE_CHANGES = ('workers',)  # settings that do not change what a resumed 
 
 _CHOICES = {
     'clip_mode': ('norm', 'value', 'agc'), 'odconv_temperature': ('auto', 'anneal', 'off'),
-    'amp': (None, 'bf16', 'fp16'),
+    'amp': (None, 'bf16', 'fp16'), 'convert': (None, 'odconv', 'xvolution', 'xvolution_sa'),
 }
 
 

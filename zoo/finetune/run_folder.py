@@ -11,15 +11,14 @@ interrupted run never leaves a half-written file.
 """
 import csv
 import io
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 import yaml
 
+from zoo._files import atomic_write
 from zoo.convert import read_checkpoint
 from .evaluate import Evaluation
 
@@ -31,21 +30,6 @@ METRIC_COLUMNS = ('epoch', 'train_loss', 'val_loss', 'val_top1', 'val_top5', 'lr
 
 class RunFolderError(ValueError):
     """A run folder that cannot be started, replaced or resumed."""
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the finished file gets the user's usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunFolder:
@@ -85,11 +69,11 @@ class RunFolder:
         return yaml.safe_load((self.path / 'config.yaml').read_text(encoding='utf-8'))
 
     def write_recipe(self, recipe: Dict[str, Any]) -> None:
-        _atomic_write(self.path / 'config.yaml',
+        atomic_write(self.path / 'config.yaml',
                       lambda tmp: tmp.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding='utf-8'))
 
     def save_state(self, state: Dict[str, Any]) -> None:
-        _atomic_write(self.path / 'state.pth', lambda tmp: torch.save(state, tmp))
+        atomic_write(self.path / 'state.pth', lambda tmp: torch.save(state, tmp))
 
     def load_state(self) -> Dict[str, Any]:
         path = self.path / 'state.pth'
@@ -109,7 +93,7 @@ class RunFolder:
         writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator='\n')
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write(self.path / 'metrics.csv', lambda tmp: tmp.write_text(text.getvalue()))
+        atomic_write(self.path / 'metrics.csv', lambda tmp: tmp.write_text(text.getvalue()))
 
     def plot_curves(self, rows: Sequence[Dict[str, float]]) -> None:
         """Training and validation loss, validation top-1 per epoch, as curves.png."""
@@ -124,7 +108,7 @@ class RunFolder:
         acc_ax.set(xlabel='epoch', ylabel='top-1 (%)', title='validation accuracy')
         acc_ax.grid(alpha=0.3)
         fig.tight_layout()
-        _atomic_write(self.path / 'curves.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+        atomic_write(self.path / 'curves.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
         plt.close(fig)
 
     def plot_confusion(self, evaluation: Evaluation, classes: Sequence[str]) -> None:
@@ -143,7 +127,7 @@ class RunFolder:
                 ax.text(j, i, str(count), ha='center', va='center', fontsize=8,
                         color='white' if count > matrix.max() / 2 else 'black')
         fig.tight_layout()
-        _atomic_write(self.path / 'confusion.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+        atomic_write(self.path / 'confusion.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
         plt.close(fig)
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from zoo.hub import export_hub_folder
 from zoo.layers import ODConv2d, odconv_temperature, set_temperature
-from zoo.models import check_timm_model_name, create_model_from_checkpoint
+from zoo.models import check_timm_model_name, create_model_from_checkpoint, replace_convs
 from .data import ImageFiles, read_image_folder, transforms_for
 from .digits import digits_folder
 from .distributed import Processes, join_processes, leave_processes
@@ -77,16 +77,25 @@ def _default_output(recipe: Recipe) -> Path:
 
 
 def _build_model(recipe: Recipe, num_classes: int) -> Tuple[nn.Module, bool, str]:
-    """The model with a head for ``num_classes``, whether its weights were loaded, and where they came from."""
+    """The model with a head for ``num_classes``, whether its ODConv layers (if any) start trained, and where its
+    weights came from."""
     check_timm_model_name(recipe.model)
     kwargs: Dict[str, Any] = dict(num_classes=num_classes)
     if recipe.drop_path is not None:
         kwargs['drop_path_rate'] = recipe.drop_path
     if recipe.checkpoint:
-        return create_model_from_checkpoint(recipe.model, recipe.checkpoint, **kwargs), True, recipe.checkpoint
-    model = timm.create_model(recipe.model, pretrained=recipe.pretrained, **kwargs)
-    start = f'{recipe.model} pretrained weights' if recipe.pretrained else 'random initialisation'
-    return model, recipe.pretrained, start
+        model, loaded, start = create_model_from_checkpoint(recipe.model, recipe.checkpoint, **kwargs), True, \
+            recipe.checkpoint
+    else:
+        model, loaded = timm.create_model(recipe.model, pretrained=recipe.pretrained, **kwargs), recipe.pretrained
+        start = f'{recipe.model} pretrained weights' if recipe.pretrained else 'random initialisation'
+    if recipe.convert:
+        include = recipe.convert_include.split(',') if recipe.convert_include else None
+        _, report = replace_convs(model, recipe.convert, include=include, kernel_num=recipe.convert_kernel_num)
+        _logger.info(str(report))
+        start += f', its convs replaced by {recipe.convert} ({len(report.replaced)} of them)'
+        loaded = loaded and recipe.convert != 'odconv'  # new ODConv layers start untrained
+    return model, loaded, start
 
 
 def _anneals_temperature(recipe: Recipe, model: nn.Module, loaded: bool) -> bool:

@@ -5,23 +5,36 @@ Every fold returns a new layer and leaves its arguments as they were. The arithm
 to the layer's dtype, so a folded model matches its training form to float32 rounding.
 """
 import copy
+from collections import OrderedDict
 from typing import Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .odconv import ODConv2d
 
-__all__ = ['batchnorm_affine', 'fuse_conv_bn', 'with_input_affine', 'with_output_affine']
+__all__ = ['ConvNorm', 'batchnorm_affine', 'fuse_conv_bn', 'norm_affine', 'with_input_affine', 'with_output_affine']
+
+BatchNorm = Union[nn.BatchNorm2d, FrozenBatchNorm2d]
 
 Layer = TypeVar('Layer', nn.Conv2d, nn.Linear, ODConv2d)
 
 
-def batchnorm_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as ``scale * x + shift``; both (C,), float64."""
+def batchnorm_affine(bn: BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm (or torchvision's FrozenBatchNorm2d) as ``scale * x + shift``; both (C,), float64."""
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
     shift = bn.bias.double() - bn.running_mean.double() * scale
     return scale, shift
+
+
+def norm_affine(norm: Union[BatchNorm, nn.Identity], channels: int,
+                device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`batchnorm_affine`, or for an ``nn.Identity`` (no norm) the scale 1 and shift 0 of ``channels``."""
+    if isinstance(norm, nn.Identity):
+        ones = torch.ones(channels, dtype=torch.float64, device=device)
+        return ones, torch.zeros_like(ones)
+    return batchnorm_affine(norm)
 
 
 def _output_dim(layer: Union[nn.Conv2d, nn.Linear, ODConv2d]) -> int:
@@ -90,9 +103,22 @@ def with_input_affine(layer: Union[nn.Conv2d, nn.Linear], scale: torch.Tensor,
     return _layer_like(layer, folded_weight, bias)
 
 
-def fuse_conv_bn(conv: Union[nn.Conv2d, ODConv2d], bn: nn.BatchNorm2d) -> Union[nn.Conv2d, ODConv2d]:
+def fuse_conv_bn(conv: Union[nn.Conv2d, ODConv2d], bn: BatchNorm) -> Union[nn.Conv2d, ODConv2d]:
     """A new layer equal to ``bn(conv(x))`` with ``bn`` in eval mode: the one BatchNorm fold of zoo's deploy forms."""
-    if not isinstance(conv, (nn.Conv2d, ODConv2d)) or not isinstance(bn, nn.BatchNorm2d):
+    if not isinstance(conv, (nn.Conv2d, ODConv2d)) or not isinstance(bn, (nn.BatchNorm2d, FrozenBatchNorm2d)):
         raise TypeError(f'fuse_conv_bn folds a BatchNorm2d into an nn.Conv2d or ODConv2d, not {type(bn).__name__} '
                         f'into {type(conv).__name__}')
     return with_output_affine(conv, *batchnorm_affine(bn))
+
+
+class ConvNorm(nn.Sequential):
+    """A conv (``nn.Conv2d`` or ``ODConv2d``) and the BatchNorm after it, which ``reparameterize()`` folds into the
+    conv (``timm.utils.reparameterize_model`` calls it)."""
+
+    def __init__(self, conv: Union[nn.Conv2d, ODConv2d], norm: BatchNorm) -> None:
+        super().__init__(OrderedDict(conv=conv, norm=norm))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if not isinstance(self.norm, nn.Identity):
+            self.conv, self.norm = fuse_conv_bn(self.conv, self.norm), nn.Identity()

@@ -33,7 +33,7 @@ from torch import nn
 from timm.layers import register_notrace_function, register_notrace_module
 
 from ._tracing import is_compiling
-from .fusion import batchnorm_affine, fuse_conv_bn
+from .fusion import fuse_conv_bn, norm_affine
 
 __all__ = ['GlobalSelfAttention', 'PixelShiftAttention', 'PixelShiftConv2d', 'XVolution2d', 'pixel_shift_products']
 
@@ -201,8 +201,8 @@ class PixelShiftConv2d(nn.Module):
         conv = xvol.conv
         fused = cls(conv.in_channels, conv.out_channels, attn.q.out_channels, attn.stride, attn.dilation,
                     device=conv.weight.device, dtype=conv.weight.dtype)
-        conv_scale, conv_shift = batchnorm_affine(xvol.bn)
-        attn_scale, attn_shift = batchnorm_affine(attn.bn)
+        conv_scale, conv_shift = norm_affine(xvol.bn, conv.out_channels, conv.weight.device)  # Identity: no norm
+        attn_scale, attn_shift = norm_affine(attn.bn, conv.out_channels, conv.weight.device)
         # (out, in, 3, 3) -> (out, 3, 3, in) -> (out, 9 * in): offset-major, as the features
         conv_weight = conv.weight.double().permute(0, 2, 3, 1).flatten(1) * conv_scale[:, None]
         attn_weight = attn.proj.weight.double().flatten(1) * attn_scale[:, None]

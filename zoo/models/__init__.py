@@ -9,11 +9,13 @@ from ._manifest import load_manifest, weights_location
 from .efficientmod import EfficientMod
 from .odconv_mobilenetv2 import ODMobileNetV2
 from .odconv_resnet import ODResNet
+from .replaced_convs import OPS, ReplaceReport, replace_convs
 from .van import VAN
 from .xvolution_resnet import XVolutionResNet
 
 __all__ = [
-    'FAMILY_MODULES', 'EfficientMod', 'ODMobileNetV2', 'ODResNet', 'VAN', 'XVolutionResNet',
+    'FAMILY_MODULES', 'OPS', 'EfficientMod', 'ODMobileNetV2', 'ODResNet', 'ReplaceReport', 'VAN', 'XVolutionResNet',
+    'replace_convs',
     'check_timm_model_name', 'create_model_from_checkpoint', 'list_zoo_models', 'load_manifest', 'resolve_model_name',
     'weights_location',
 ]

@@ -43,11 +43,12 @@ def _cfg_args(entry: Dict[str, Any]) -> Dict[str, Any]:
         origin_url=entry['origin_url'],
     )
     source = entry['source']
+    notes = (entry['note'],) if entry.get('note') else ()
     if 'hf_hub_id' in source:
         args.update(hf_hub_id=source['hf_hub_id'], hf_hub_filename=source['hf_hub_filename'])
     else:
-        args.update(notes=(f'weights: {source["url"]}',))
-    return args
+        notes += (f'weights: {source["url"]}',)
+    return dict(args, notes=notes) if notes else args
 
 
 def manifest_cfgs(family: str, cfg: Callable[..., Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:

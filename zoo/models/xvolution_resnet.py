@@ -2,7 +2,9 @@
 
 Paper: `X-volution: On the Unification of Convolution and Self-attention` - https://arxiv.org/abs/2106.02253
 (Chen, Wang, Wang, Guo, Chen, Lu; 2021). No official code or weights exist: a reconstruction from the paper's text,
-see ``zoo.layers.xvolution`` for the operator and the choices made.
+see ``zoo.layers.xvolution`` for the operator and the choices made. The PSSA models' ``a1_in1k`` tags are warm starts:
+timm's ResNet weights in the convolution branches, the attention branches untrained, so they equal the ResNet until
+fine-tuned.
 
 timm's ResNet-34 / ResNet-50 with every 3x3 convolution of stage 3 (``layer3``, 14x14 at 224 px) replaced by
 ``zoo.layers.XVolution2d``; the paper finds stage 3 the best place (+1.2 top-1 on ResNet-34, +0.9 on ResNet-50 with
@@ -25,6 +27,7 @@ from zoo.convert import XVOLUTION_RESNET_LAYOUTS
 from zoo.layers import XVolution2d
 from ._builder import build_zoo_model
 from ._fusable_resnet import NORM_PAIRS, FusableBasicBlock, FusableBottleneck
+from ._manifest import manifest_cfgs
 
 __all__ = ['XVolutionResNet']
 
@@ -72,6 +75,7 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
+    **manifest_cfgs('xvolution_resnet', _cfg),
     'xvolution_resnet34.untrained': _cfg(),
     'xvolution_resnet50.untrained': _cfg(),
     'xvolution_sa_resnet34.untrained': _cfg(),

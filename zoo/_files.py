@@ -1,0 +1,23 @@
+"""Writing a file so that nobody ever sees half of it: into a temporary file beside it, then renamed into place."""
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+__all__ = ['atomic_write']
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it into place with the user's usual file
+    mode (a failure leaves ``path`` as it was and no temporary file behind)."""
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
