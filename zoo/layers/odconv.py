@@ -107,9 +107,23 @@ class OmniAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[
             torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Attentions over input channels (B, C_in, 1, 1), output channels (B, C_out, 1, 1) or None, kernel
-        positions (B, k * k) or None, and kernels (B, kernel_num) or None."""
+        positions (B, k * k) or None, and kernels (B, kernel_num) or None, in x's dtype."""
         b, _, h, w = x.shape
-        pooled = x.sum((2, 3)) / (h * w)  # the mean; mean's backward writes a full-size gradient, sum's broadcasts
+        if torch.jit.is_scripting():
+            return self._attentions(x.sum((2, 3)) / (h * w))
+        if not torch.is_autocast_enabled(x.device.type):
+            return self._attentions(x.sum((2, 3)) / (h * w))  # the mean; mean's backward writes a full-size gradient
+        # float32 under mixed precision: the BatchNorm divides by variances far smaller than the means it removes
+        # (0.01 against 5), which turns the rounding of a bfloat16 mean or layer into 10% errors of the attentions
+        with torch.autocast(x.device.type, enabled=False):
+            attentions = self._attentions(x.sum((2, 3), dtype=torch.float32) / (h * w))
+        return _cast(attentions[0], x.dtype), _cast(attentions[1], x.dtype), _cast(attentions[2], x.dtype), \
+            _cast(attentions[3], x.dtype)
+
+    def _attentions(self, pooled: torch.Tensor) -> Tuple[
+            torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The four attentions of the pooled input (B, C_in)."""
+        b = pooled.shape[0]
         context = self.act(self.bn(F.linear(pooled, self.fc.weight.flatten(1))))
         weight, bias = self._head_parameters()
         logits = F.linear(context, weight, bias) / self.temperature
@@ -127,6 +141,10 @@ class OmniAttention(nn.Module):
         if kernel_chs:
             kernels = torch.softmax(logits[:, sigmoid_chs:], dim=1)
         return channel, filters, spatial, kernels
+
+
+def _cast(attention: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if attention is None else attention.to(dtype)
 
 
 @register_notrace_module  # the computation is chosen from the input's shape: a leaf for torch.fx
