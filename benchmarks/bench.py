@@ -2,15 +2,18 @@
 
 For every model and baseline: images/s of inference (eval mode, no grad) and of a training step (forward, backward,
 SGD step) at each batch size, in NCHW and channels_last, for the training form and, where the model can fuse, its
-``timm.utils.reparameterize_model`` form; with ``--modes onnx`` also of the (fused) model exported to ONNX and run by
-onnxruntime on the CPU with the same number of threads, after checking its outputs against PyTorch's. Each figure is
-the median of ``--repeats`` timed runs after ``--warmup`` untimed ones, with torch's intra-op threads pinned; the forms
-of one configuration take turns run by run. Results
-are appended to benchmarks/RESULTS.md with a description of the machine.
+``timm.utils.reparameterize_model`` form; with ``--modes compile`` also of the ``torch.compile``d training form, with
+``--modes onnx`` of the (fused) model exported to ONNX and run by onnxruntime on the CPU with the same number of
+threads, after checking its outputs against PyTorch's. On CUDA (``--device cuda``) steps are timed with CUDA events
+after a warm-up, optionally under ``--amp bf16|fp16``. Each figure is the median of ``--repeats`` timed runs after
+``--warmup`` untimed ones, with torch's intra-op threads pinned; the forms of one configuration take turns run by run.
+Parameters and GMACs (torch's FLOP counter, one 224 px image) go with every model. Results are appended to
+benchmarks/RESULTS.md with a description of the machine.
 
     python benchmarks/bench.py --models van_b0 --baselines resnet18 mobilenetv2_100 --batch-sizes 1 16
 
-``--plot FILE.png`` also draws the run as a bar chart.
+``--plot FILE.png`` draws img/s of each family against its baselines; ``--plot-accuracy FILE.png`` img/s against the
+reported ImageNet top-1 of the models with weights (the papers' figure 1, measured here).
 """
 import argparse
 import datetime
@@ -28,8 +31,10 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 import timm
 from timm.utils import reparameterize_model
+from torch.utils.flop_counter import FlopCounterMode
 
 import zoo  # noqa: F401  (registers the zoo models)
+from zoo.models import FAMILY_MODULES, load_manifest
 
 RESULTS = Path(__file__).parent / 'RESULTS.md'
 MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
@@ -38,14 +43,29 @@ MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channe
 @dataclass
 class Measurement:
     model: str
-    form: str  # 'eval' (training form in eval mode), 'reparam', 'onnx' or 'train'
+    form: str  # 'eval' (training form in eval mode), 'reparam', 'compile', 'onnx' or 'train'
     memory_format: str
     batch_size: int
     images_per_s: float
     ms_per_batch: float
 
 
-def interleaved_median_seconds(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int) -> Dict[str, float]:
+def _elapsed(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one ``step``: CUDA events on a GPU (the queued kernels included), the wall clock elsewhere."""
+    if device.type != 'cuda':
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    step()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
+
+
+def interleaved_median_seconds(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int,
+                               device: torch.device = torch.device('cpu')) -> Dict[str, float]:
     """Median seconds of each step; the steps take turns, so a slow spell of the machine hits all of them alike."""
     for step in steps.values():
         for _ in range(warmup):
@@ -53,27 +73,34 @@ def interleaved_median_seconds(steps: Dict[str, Callable[[], None]], warmup: int
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(_elapsed(step, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _inference_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _autocast(device: torch.device, amp: str = None):
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _inference_step(model: torch.nn.Module, x: torch.Tensor, amp: str = None) -> Callable[[], None]:
     def step() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(x.device, amp):
             model(x)
     return step
 
 
-def _training_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _training_step(model: torch.nn.Module, x: torch.Tensor, amp: str = None) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    target = torch.randint(0, model.num_classes, (x.shape[0],))
+    target = torch.randint(0, model.num_classes, (x.shape[0],), device=x.device)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=amp == 'fp16')
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-        optimizer.step()
+        with _autocast(x.device, amp):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return step
 
 
@@ -101,22 +128,25 @@ def _can_fuse(model: torch.nn.Module) -> bool:
     return any(hasattr(m, 'reparameterize') or hasattr(m, 'fuse') for m in model.modules())
 
 
-def _steps(name: str, memory_format: torch.memory_format, x: torch.Tensor, modes: List[str],
+def _steps(name: str, memory_format: torch.memory_format, x: torch.Tensor, args: argparse.Namespace,
            onnx_diffs: Dict[str, float]) -> Dict[str, Callable[[], None]]:
-    """The timed steps of one model: inference of the training form (and of the fused form, and of its ONNX
-    export, whose max abs difference from PyTorch goes into ``onnx_diffs``), and a training step."""
-    steps = {}
-    if 'infer' in modes or 'onnx' in modes:
-        model = timm.create_model(name).to(memory_format=memory_format).eval()
+    """The timed steps of one model: inference of the training form (and of the fused form, the compiled form, and
+    of its ONNX export, whose max abs difference from PyTorch goes into ``onnx_diffs``), and a training step."""
+    steps, modes, device = {}, args.modes, x.device
+    if {'infer', 'onnx', 'compile'} & set(modes):
+        model = timm.create_model(name).to(device, memory_format=memory_format).eval()
         deployed = reparameterize_model(model) if _can_fuse(model) else model
         if 'infer' in modes:
-            steps['eval'] = _inference_step(model, x)
+            steps['eval'] = _inference_step(model, x, args.amp)
             if deployed is not model:
-                steps['reparam'] = _inference_step(deployed, x)
-        if 'onnx' in modes and memory_format == torch.contiguous_format:
+                steps['reparam'] = _inference_step(deployed, x, args.amp)
+        if 'compile' in modes:
+            steps['compile'] = _inference_step(torch.compile(model), x, args.amp)
+        if 'onnx' in modes and memory_format == torch.contiguous_format and device.type == 'cpu':
             steps['onnx'], onnx_diffs[f'{name} b{x.shape[0]}'] = _onnx_step(deployed, x, torch.get_num_threads())
     if 'train' in modes:
-        steps['train'] = _training_step(timm.create_model(name).to(memory_format=memory_format).train(), x)
+        model = timm.create_model(name).to(device, memory_format=memory_format).train()
+        steps['train'] = _training_step(model, x, args.amp)
     return steps
 
 
@@ -125,10 +155,12 @@ def measure(names: List[str], args: argparse.Namespace, onnx_diffs: Dict[str, fl
     for format_name in args.memory_formats:
         memory_format = MEMORY_FORMATS[format_name]
         for batch_size in args.batch_sizes:
-            x = torch.randn(batch_size, 3, args.img_size, args.img_size).to(memory_format=memory_format)
+            x = torch.randn(batch_size, 3, args.img_size, args.img_size, device=args.device)
+            x = x.to(memory_format=memory_format)
             steps = {(name, form): step for name in names
-                     for form, step in _steps(name, memory_format, x, args.modes, onnx_diffs).items()}
-            for (name, form), seconds in interleaved_median_seconds(steps, args.warmup, args.repeats).items():
+                     for form, step in _steps(name, memory_format, x, args, onnx_diffs).items()}
+            seconds_of = interleaved_median_seconds(steps, args.warmup, args.repeats, torch.device(args.device))
+            for (name, form), seconds in seconds_of.items():
                 yield Measurement(name, form, format_name, batch_size, batch_size / seconds, seconds * 1e3)
 
 
@@ -161,41 +193,51 @@ def peak_training_memory_mb(name: str, batch_size: int, img_size: int) -> float:
 
 def params_m(name: str) -> float:
     """Parameters of the training form, in millions."""
-    with torch.device('meta'):  # shapes only
-        model = timm.create_model(name)
+    model = timm.create_model(name, device='meta')  # shapes only
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def describe_machine(threads: int) -> str:
+def gmacs(name: str, img_size: int = 224) -> float:
+    """Multiply-accumulates (G) of one image through the training form in eval mode, by torch's FLOP counter."""
+    model = timm.create_model(name).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, img_size, img_size))
+    return counter.get_total_flops() / 2e9
+
+
+def describe_machine(threads: int, device: str = 'cpu') -> str:
     cpu = platform.processor() or 'unknown CPU'
     if Path('/proc/cpuinfo').exists():
         names = [line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
                  if line.startswith('model name')]
         cpu = names[0] if names else cpu
-    return (f'{cpu}, {os.cpu_count()} logical CPUs, {threads} torch threads; {platform.system()} '
+    gpu = f'{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); ' if device == 'cuda' else ''
+    return (f'{gpu}{cpu}, {os.cpu_count()} logical CPUs, {threads} torch threads; {platform.system()} '
             f'{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, '
             f'timm {timm.__version__}')
 
 
 def render(measurements: List[Measurement], peaks: Dict[str, float], onnx_diffs: Dict[str, float],
            args: argparse.Namespace) -> str:
+    amp = f', autocast {args.amp}' if args.amp else ''
     lines = [
         f'## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC — {", ".join(args.models)} '
         f'vs {", ".join(args.baselines)}',
         '',
-        f'Machine: {describe_machine(args.threads)}. Input {args.img_size}x{args.img_size}; median of '
-        f'{args.repeats} runs after {args.warmup} warm-up runs. `eval`: training form in eval mode; `reparam`: after '
-        f'`timm.utils.reparameterize_model`; `onnx`: the fused model exported with '
-        f'`torch.onnx.export(dynamo=True)`, run by '
-        f'onnxruntime (CPU provider, same threads; outputs checked against PyTorch to 1e-4); `train`: forward + '
-        f'backward + SGD step.',
+        f'Machine: {describe_machine(args.threads, args.device)}. Device {args.device}{amp}. Input '
+        f'{args.img_size}x{args.img_size}; median of {args.repeats} runs after {args.warmup} warm-up runs. `eval`: '
+        f'training form in eval mode; `reparam`: after `timm.utils.reparameterize_model`; `compile`: '
+        f'`torch.compile` of the training form; `onnx`: the fused model exported with `torch.onnx.export(dynamo=True)`, '
+        f'run by onnxruntime (CPU provider, same threads; outputs checked against PyTorch to 1e-4); `train`: forward + '
+        f'backward + SGD step. GMACs: one 224 px image, torch\'s FLOP counter.',
         '',
-        '| model | params (M) | form | memory format | batch | img/s | ms / batch |',
-        '|---|---:|---|---|---:|---:|---:|',
+        '| model | params (M) | GMACs | form | memory format | batch | img/s | ms / batch |',
+        '|---|---:|---:|---|---|---:|---:|---:|',
     ]
-    params = {name: params_m(name) for name in dict.fromkeys(m.model for m in measurements)}
-    lines += [f'| {m.model} | {params[m.model]:.2f} | {m.form} | {m.memory_format} | {m.batch_size} | '
-              f'{m.images_per_s:.1f} | {m.ms_per_batch:.1f} |' for m in measurements]
+    names = list(dict.fromkeys(m.model for m in measurements))
+    sizes = {name: (params_m(name), gmacs(name)) for name in names}
+    lines += [f'| {m.model} | {sizes[m.model][0]:.2f} | {sizes[m.model][1]:.2f} | {m.form} | {m.memory_format} | '
+              f'{m.batch_size} | {m.images_per_s:.1f} | {m.ms_per_batch:.1f} |' for m in measurements]
     if peaks:
         lines += ['', f'Peak resident memory added by a training step at batch {max(args.batch_sizes)} (fresh process, '
                       'NCHW):', '', '| model | MiB |', '|---|---:|']
@@ -206,30 +248,64 @@ def render(measurements: List[Measurement], peaks: Dict[str, float], onnx_diffs:
     return '\n'.join(lines) + '\n\n'
 
 
-def plot(measurements: List[Measurement], path: Path, title: str) -> None:
-    """A bar chart of img/s: one group per configuration (memory format, batch), one bar per model and form."""
-    import matplotlib
-    matplotlib.use('Agg')  # files only, no display
-    import matplotlib.pyplot as plt
+def _family(name: str) -> str:
+    """The zoo family of a model, or 'baseline' for a timm model."""
+    return next((family for family in FAMILY_MODULES if name in timm.list_models(module=family)), 'baseline')
 
-    configs = list(dict.fromkeys((m.memory_format, m.batch_size) for m in measurements))
-    series = list(dict.fromkeys((m.model, m.form) for m in measurements))
-    value = {(m.memory_format, m.batch_size, m.model, m.form): m.images_per_s for m in measurements}
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(6., 1.2 * len(series) * len(configs)), 4.5))
-    colors = plt.get_cmap('tab20').colors
-    for i, (model, form) in enumerate(series):
-        xs = [c + i * width for c in range(len(configs))]
-        ys = [value.get((fmt, batch, model, form), 0.) for fmt, batch in configs]
-        ax.bar(xs, ys, width, label=f'{model} ({form})', color=colors[i % len(colors)])
-    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(configs))])
-    ax.set_xticklabels([f'{fmt}, batch {batch}' for fmt, batch in configs])
-    ax.set_ylabel('images / s')
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+
+def _inference_speed(measurements: List[Measurement]) -> Dict[str, float]:
+    """img/s of each model's training form in eval mode, NCHW, at the largest batch measured."""
+    batch = max(m.batch_size for m in measurements)
+    return {m.model: m.images_per_s for m in measurements
+            if m.form == 'eval' and m.memory_format == 'nchw' and m.batch_size == batch}
+
+
+def plot(measurements: List[Measurement], baselines: List[str], path: Path, title: str) -> None:
+    """img/s of each family's models beside the timm baselines, one panel per family."""
+    plt = _pyplot()
+    speed = _inference_speed(measurements)
+    families = list(dict.fromkeys(_family(m) for m in speed if _family(m) != 'baseline'))
+    fig, axes = plt.subplots(1, len(families), figsize=(3.4 * len(families), 4), squeeze=False, sharey=True)
+    for ax, family in zip(axes[0], families):
+        names = [m for m in speed if _family(m) == family] + [b for b in baselines if b in speed]
+        colors = ['tab:blue' if _family(n) == family else 'tab:gray' for n in names]
+        ax.bar(range(len(names)), [speed[n] for n in names], color=colors)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=60, ha='right', fontsize=7)
+        ax.set_title(family, fontsize=9)
+    axes[0][0].set_ylabel('images / s (inference, NCHW)')
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_accuracy(measurements: List[Measurement], path: Path, title: str) -> None:
+    """img/s against the reported ImageNet-1k top-1 of every measured model with published weights."""
+    plt = _pyplot()
+    speed = _inference_speed(measurements)
+    top1 = {tag.split('.')[0]: entry['top1'] for tag, entry in load_manifest().items() if entry['top1'] is not None}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    families = list(dict.fromkeys(_family(m) for m in speed if m in top1))
+    for family in families:
+        names = [m for m in speed if m in top1 and _family(m) == family]
+        ax.plot([speed[n] for n in names], [top1[n] for n in names], 'o', label=family)
+        for n in names:
+            ax.annotate(n, (speed[n], top1[n]), fontsize=6, xytext=(3, 3), textcoords='offset points')
+    ax.set(xlabel='images / s (inference, NCHW, this machine)', ylabel='reported ImageNet-1k top-1 (%)')
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def parse_args() -> argparse.Namespace:
@@ -238,14 +314,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--baselines', nargs='*', default=['resnet18', 'mobilenetv2_100'])
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 16])
     parser.add_argument('--memory-formats', nargs='+', choices=list(MEMORY_FORMATS), default=list(MEMORY_FORMATS))
-    parser.add_argument('--modes', nargs='+', choices=['infer', 'train', 'onnx'], default=['infer', 'train'])
+    parser.add_argument('--modes', nargs='+', choices=['infer', 'train', 'compile', 'onnx'], default=['infer', 'train'])
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    parser.add_argument('--amp', choices=['bf16', 'fp16'], help='autocast dtype (bf16 on CPU; bf16 or fp16 on CUDA)')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--threads', type=int, default=os.cpu_count())
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--peak-memory', action='store_true', help='also measure the peak memory of a training step')
     parser.add_argument('--out', type=Path, default=RESULTS, help='markdown file the results are appended to')
-    parser.add_argument('--plot', type=Path, help='also draw the run as a bar chart into this PNG (needs matplotlib)')
+    parser.add_argument('--plot', type=Path, help='draw img/s of each family beside its baselines into this PNG')
+    parser.add_argument('--plot-accuracy', type=Path, help='draw img/s against reported top-1 into this PNG')
     return parser.parse_args()
 
 
@@ -265,8 +344,11 @@ def main() -> None:
             print(f'{name:<22}training step peak memory {peaks[name]:.0f} MiB', flush=True)
     with open(args.out, 'a', encoding='utf-8') as f:
         f.write(render(measurements, peaks, onnx_diffs, args))
+    title = f'{describe_machine(args.threads, args.device)}; median of {args.repeats}'.replace('; ', '\n', 1)
     if args.plot:
-        plot(measurements, args.plot, f'{describe_machine(args.threads)}; median of {args.repeats}')
+        plot(measurements, args.baselines, args.plot, title)
+    if args.plot_accuracy:
+        plot_accuracy(measurements, args.plot_accuracy, title)
 
 
 if __name__ == '__main__':

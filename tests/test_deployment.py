@@ -1,5 +1,10 @@
 """Deployment: ``zoo export`` to ONNX with a free batch dimension (checked through onnxruntime), mixed precision
 against float32, and torch.compile against eager, one model per family."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -85,3 +90,12 @@ def test_compiled_forward_equals_eager(name):
         expected = model(x)
         actual = torch.compile(model, fullgraph=True)(x)
     assert relative_error(actual, expected) <= 1e-5
+
+
+def test_the_gpu_check_script_says_there_is_no_gpu_and_succeeds_on_a_cpu():
+    script = Path(__file__).parent.parent / 'benchmarks' / 'gpu_check.sh'
+    env = dict(os.environ, PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
+               CUDA_VISIBLE_DEVICES='')
+    result = subprocess.run(['bash', str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == 'gpu_check: no CUDA GPU on this machine: nothing to check'
