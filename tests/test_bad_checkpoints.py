@@ -1,4 +1,6 @@
 """Bad checkpoints end in one clear error that names the problem, and nothing in them is ever executed."""
+import pickle
+
 import pytest
 import torch
 import timm
@@ -28,7 +30,7 @@ def _load(path):
 class TestReader:
     def test_refuses_a_pickle_that_would_run_code(self, malicious_checkpoint):
         path, marker = malicious_checkpoint
-        with pytest.raises(CheckpointError, match=r'refused to unpickle: it needs \w+\.open'):
+        with pytest.raises(CheckpointError, match=r'refused: unpickling it would run code \(it calls \w+\.open\)'):
             read_checkpoint(path)
         assert not marker.exists()
 
@@ -41,7 +43,7 @@ class TestReader:
         torch.save(van_b0_state_dict, tmp_path / 'full.pth')
         data = (tmp_path / 'full.pth').read_bytes()
         (tmp_path / 'cut.pth').write_bytes(data[:len(data) // 2])
-        with pytest.raises(CheckpointError, match='truncated or damaged'):
+        with pytest.raises(CheckpointError, match='a damaged or truncated PyTorch checkpoint'):
             read_checkpoint(tmp_path / 'cut.pth')
 
     def test_truncated_safetensors_whatever_its_name(self, tmp_path, van_b0_state_dict):
@@ -53,8 +55,28 @@ class TestReader:
 
     def test_not_a_checkpoint_at_all(self, tmp_path):
         (tmp_path / 'notes.pth').write_text('these are not weights')
-        with pytest.raises(CheckpointError, match='not a readable PyTorch or safetensors checkpoint'):
+        with pytest.raises(CheckpointError, match=r'notes\.pth: not a PyTorch or safetensors checkpoint: the file '
+                                                  r'holds text \("these are not weights\.\.\."\)'):
             read_checkpoint(tmp_path / 'notes.pth')
+
+    def test_empty_file(self, tmp_path):
+        (tmp_path / 'empty.pth').write_bytes(b'')
+        with pytest.raises(CheckpointError, match=r'empty\.pth: an empty file \(0 bytes\), not a checkpoint'):
+            read_checkpoint(tmp_path / 'empty.pth')
+
+    def test_a_raw_pickle_that_would_run_code_is_refused_unread(self, tmp_path):
+        """Not torch.save's archive but a bare pickle (protocol 4): its opcodes are read, never run."""
+        marker = tmp_path / 'code_ran'
+        with open(tmp_path / 'exploit.pkl', 'wb') as f:
+            pickle.dump({'state_dict': RunsCodeWhenUnpickled(marker)}, f, protocol=4)
+        with pytest.raises(CheckpointError, match=r'exploit\.pkl: refused: unpickling it would run code \(it calls '
+                                                  r'\w+\.open\)'):
+            read_checkpoint(tmp_path / 'exploit.pkl')
+        assert not marker.exists()
+
+    def test_a_folder(self, tmp_path):
+        with pytest.raises(CheckpointError, match='is a folder: give the checkpoint file in it'):
+            read_checkpoint(tmp_path)
 
     def test_missing_file(self, tmp_path):
         with pytest.raises(CheckpointError, match='no such checkpoint file'):
@@ -66,7 +88,7 @@ class TestPublicLoadingPath:
 
     def test_refuses_a_pickle_that_would_run_code(self, malicious_checkpoint):
         path, marker = malicious_checkpoint
-        with pytest.raises(CheckpointError, match=r'van_tiny_754\.pth\.tar: refused to unpickle: it needs \w+\.open'):
+        with pytest.raises(CheckpointError, match=r'van_tiny_754\.pth\.tar: refused: unpickling it would run code'):
             _load(path)
         assert not marker.exists()
 
@@ -74,7 +96,7 @@ class TestPublicLoadingPath:
         torch.save(van_training_checkpoint(van_b0_state_dict), tmp_path / 'full.pth.tar')
         data = (tmp_path / 'full.pth.tar').read_bytes()
         (tmp_path / 'cut.pth.tar').write_bytes(data[:len(data) // 3])
-        with pytest.raises(CheckpointError, match=r'cut\.pth\.tar: not a readable .* \(truncated or damaged\?\)'):
+        with pytest.raises(CheckpointError, match=r'cut\.pth\.tar: a damaged or truncated PyTorch checkpoint'):
             _load(tmp_path / 'cut.pth.tar')
 
     def test_missing_file(self, tmp_path):

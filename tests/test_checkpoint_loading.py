@@ -10,7 +10,7 @@ import torch
 
 from zoo.convert import CheckpointError, CheckpointMismatchError, ODCONV_RESNET_LAYOUTS, unwrap_state_dict
 from zoo.models import create_model_from_checkpoint
-from helpers import efficientmod_training_checkpoint, perturbed, van_training_checkpoint
+from helpers import assert_logits_close, efficientmod_training_checkpoint, perturbed, van_training_checkpoint
 
 
 @pytest.fixture(scope='module')
@@ -130,3 +130,24 @@ def test_checkpoint_of_another_configuration_names_both_sides(reference, model_n
     with pytest.raises(CheckpointMismatchError, match='checkpoint has kernel_num 1, widths 64..512, '
                                                       f'model has {model_side}'):
         ODCONV_RESNET_LAYOUTS.convert(reference('od_resnet18').state_dict, model)
+
+
+@pytest.mark.parametrize('route', ['checkpoint_path', 'load_checkpoint'])
+def test_timms_own_checkpoint_routes_convert_official_layouts(tmp_path, reference, route):
+    """timm.create_model(..., checkpoint_path=) and timm.models.load_checkpoint read the official layouts too."""
+    ref = reference('van_b0')
+    torch.save(van_training_checkpoint(ref.state_dict), tmp_path / 'van_tiny_754.pth.tar')
+    if route == 'checkpoint_path':
+        model = timm.create_model('van_b0', checkpoint_path=str(tmp_path / 'van_tiny_754.pth.tar'))
+    else:
+        model = timm.create_model('van_b0')
+        timm.models.load_checkpoint(model, str(tmp_path / 'van_tiny_754.pth.tar'))
+    with torch.no_grad():
+        assert_logits_close(model.eval()(ref.inputs[0]), ref.outputs[0])
+
+
+def test_a_partial_state_dict_of_the_models_own_keys_loads_as_before():
+    model = timm.create_model('van_b0')
+    result = model.load_state_dict({'stages.0.downsample.conv.weight': torch.zeros(32, 3, 7, 7)}, strict=False)
+    assert 'stages.0.downsample.conv.weight' not in result.missing_keys and 'head.weight' in result.missing_keys
+    assert model.stages[0].downsample.conv.weight.abs().sum() == 0

@@ -245,7 +245,7 @@ def _bad_inputs(tmp_path):
          'a resumed run keeps its recipe: --model differs'),
         ('resume a folder that is no run', ['finetune', '--resume', tmp_path / 'empty'], 'is not a zoo run'),
         ('unsafe checkpoint', ['finetune', '--data', good, '--model', 'van_b0', '--checkpoint', tmp_path / 'evil.pth',
-                               '--output', tmp_path / 'out', *quick], 'refused to unpickle'),
+                               '--output', tmp_path / 'out', *quick], 'refused: unpickling it would run code'),
         ('unknown model', ['finetune', '--data', good, '--model', 'van_bo', '--output', tmp_path / 'out', *quick],
          'van_bo'),
         ('evaluate without data', ['evaluate', 'van_b0', '--data', tmp_path / 'absent'], 'no such data folder'),

@@ -26,12 +26,12 @@ def _list(args: argparse.Namespace) -> int:
     summaries = summarize_models(args.pattern)
     if not summaries:
         return _fail(f'no model matches {args.pattern!r}; `zoo list` shows them all')
-    print(f"{'model':<22}{'family':<20}{'params (M)':>11}  pretrained weights")
+    print(f"{'model':<24}{'family':<20}{'params (M)':>11}  pretrained weights (tag: where they are)")
     for s in summaries:
-        sources = [f'{tag} <- {where}' for tag, where in s.pretrained] or ['none (architecture only)']
-        print(f'{s.name:<22}{s.family:<20}{s.params_m:>11.3f}  {sources[0]}')
-        for source in sources[1:]:
-            print(f"{'':<55}{source}")
+        print(f'{s.name:<24}{s.family:<20}{s.params_m:>11.3f}' + ('' if s.pretrained else '  none'))
+        for tag, where in s.pretrained:
+            line = f'    {tag}: {where}'
+            print(line if len(line) <= 120 else f'    {tag}:\n        {where}')
     return 0
 
 
@@ -70,12 +70,22 @@ def _convert(args: argparse.Namespace) -> int:
         model = create_model_from_checkpoint(args.model, args.checkpoint, pretrained_use_ema=args.ema).eval()
         steps.update()
         report = export_hub_folder(model, args.out, source=args.checkpoint, use_ema=args.ema,
-                                   repo_hint=args.repo_id or 'ORG/NAME', force=args.force, verify=args.verify)
+                                   repo_hint=args.repo_id or 'ORG/NAME', force=args.force, verify=args.verify,
+                                   label_names=_label_names(args.label_names))
         steps.update()
     print(f'wrote {args.out} ({args.model}, {model.num_classes} classes, {"EMA" if args.ema else "plain"} weights)')
     if report:
         print(report)
     return 0
+
+
+def _label_names(value: Optional[str]) -> Optional[List[str]]:
+    """--label-names: a text file with one class name per line, or the names separated by commas."""
+    if not value:
+        return None
+    path = Path(value)
+    names = path.read_text(encoding='utf-8').splitlines() if path.is_file() else value.split(',')
+    return [name.strip() for name in names if name.strip()]
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -184,6 +194,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    from zoo import __version__
+    return __version__
+
+
 def _fail(message: str) -> int:
     print(f'zoo: {message}', file=sys.stderr)
     return 1
@@ -193,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='zoo', description='VAN, ODConv, EfficientMod and X-volution models for timm.',
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--version', action='version', version=f'zoo {_version()}')
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     def command(name: str, run: Callable[[argparse.Namespace], int], summary: str, description: str,
@@ -273,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                            'moved into place')
     sub.add_argument('--force', action='store_true', help='replace an earlier zoo export in --out')
     sub.add_argument('--repo-id', help='ORG/NAME the folder will be published as, for the model card (optional)')
+    sub.add_argument('--label-names', help='class names of a fine-tuned checkpoint: NAME,NAME,... or a text file with '
+                                           'one name per line (written to config.json and the model card)')
 
     sub = command('publish', _publish, 'upload a converted folder to the Hugging Face Hub',
                   'Validate a folder written by `zoo convert` and upload it to a Hub model repo (created if needed; '

@@ -49,13 +49,17 @@ def file_sha256(path: PathLike) -> str:
 
 
 def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: Optional[Dict[str, Any]],
-                finetuned: Optional[Dict[str, Any]]) -> str:
-    """The README.md of a Hub folder; ``cfg`` is the pretrained cfg written to its config.json."""
-    entry = load_manifest().get(f'{cfg["architecture"]}.{cfg.get("tag")}') or {}
+                finetuned: Optional[Dict[str, Any]], published: Optional[Dict[str, Any]],
+                label_names: Optional[Sequence[str]]) -> str:
+    """The README.md of a Hub folder; ``cfg`` is the pretrained cfg written to its config.json, ``published`` the
+    manifest entry of the weights where they are the published ones (their reported accuracy applies)."""
     license_id = cfg.get('license') or 'unknown'
-    title = cfg['architecture'] + (f' fine-tuned on {finetuned["data"]}' if finetuned else
-                                   f'.{cfg["tag"]}' if cfg.get('tag') else '')
-    made = (f'fine-tuned with zoo {zoo.__version__}' if finetuned else f'converted with zoo {zoo.__version__}')
+    if finetuned:
+        title, made = f'{cfg["architecture"]} fine-tuned on {finetuned["data"]}', 'fine-tuned'
+    elif published:
+        title, made = f'{cfg["architecture"]}.{cfg["tag"]}', 'converted'
+    else:
+        title, made = f'{cfg["architecture"]} ({model.num_classes} classes)', 'converted'
     lines = [
         '---',
         'tags: [image-classification, timm, zoo]',
@@ -64,24 +68,31 @@ def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: O
         '---',
         f'# {title}',
         '',
-        f'{type(model).__name__} for image classification ({model.num_classes} classes), in timm\'s format, {made}, '
-        f'the package that registers this architecture with timm (`pip install zoo`).',
+        f'{type(model).__name__} for image classification ({model.num_classes} classes), in timm\'s format, {made} '
+        f'with zoo {zoo.__version__}, the package that registers this architecture with timm (`pip install zoo`).',
         '',
     ]
     if finetuned:
         lines += _finetuned_lines(finetuned)
+    elif label_names:
+        shown = ', '.join(list(label_names)[:20]) + (f', ... ({len(label_names)} in all)' if len(label_names) > 20
+                                                     else '')
+        lines.append(f'- Classes: {shown}')
     if cfg.get('paper_name'):
         lines.append(f'- Paper: {cfg["paper_name"]} ({cfg.get("paper_ids", "")})')
     if cfg.get('origin_url'):
         lines.append(f'- Original code: {cfg["origin_url"]}')
     lines.append(f'- License: {license_id}' + (' (the original repository names none: ask its authors before '
                                                 'redistributing)' if license_id == 'unknown' else ''))
-    if entry and not finetuned:
-        lines.append(f'- Reported ImageNet-1k top-1: {entry["top1"]} (authors; weights from {weights_location(entry)})'
-                     if entry['top1'] is not None else f'- Weights from {weights_location(entry)}: {entry["note"]}')
+    if published:
+        lines.append(f'- Reported ImageNet-1k top-1: {published["top1"]} (authors; weights from '
+                     f'{weights_location(published)})' if published['top1'] is not None else
+                     f'- Weights from {weights_location(published)}: {published["note"]}')
     if source:
         lines.append(f'- Converted from `{source["file"]}` (sha256 `{source["sha256"]}`, '
-                     f'{"EMA" if source["ema"] else "plain"} weights)')
+                     f'{"EMA" if source["ema"] else "plain"} weights)' +
+                     ('' if published or finetuned else ': not the published weights of this architecture, so no '
+                                                        'reported accuracy applies'))
     lines += [
         f'- Preprocessing: {cfg.get("interpolation")} resize, crop_pct {cfg.get("crop_pct")}, input '
         f'{tuple(cfg.get("input_size", ()))}, mean {tuple(cfg.get("mean", ()))}, std {tuple(cfg.get("std", ()))}',
@@ -104,6 +115,24 @@ def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: O
         lines += _recipe_lines(finetuned['recipe'])
     return '\n'.join(lines) + '\n'
 
+
+
+def _manifest_tags(model: nn.Module) -> List[str]:
+    """The tags of ``model``'s architecture that the manifest lists (those with published weights)."""
+    architecture = model.pretrained_cfg.get('architecture')
+    return [tag.split('.', 1)[1] for tag in load_manifest() if tag.split('.')[0] == architecture]
+
+
+def _published_entry(model: nn.Module, source: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The manifest entry of ``model``'s weights where they are the published ones: its tag's entry, the tag's number
+    of classes, and (where the manifest knows it) the published file's sha256."""
+    cfg = model.pretrained_cfg
+    tag = f'{cfg.get("architecture")}.{cfg.get("tag")}'
+    entry = load_manifest().get(tag)
+    if entry is None or model.num_classes != timm.models.get_pretrained_cfg(tag).num_classes:
+        return None
+    sha256 = entry['source'].get('sha256')
+    return entry if source is None or sha256 is None or sha256 == source['sha256'] else None
 
 
 def _finetuned_lines(finetuned: Dict[str, Any]) -> List[str]:
@@ -175,7 +204,10 @@ def _apply_umask(folder: Path) -> None:
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is kept aside until then and restored on failure."""
     if not (out_dir.is_dir() and any(out_dir.iterdir())):
-        tmp.replace(out_dir)  # absent or empty: one rename
+        try:
+            tmp.replace(out_dir)  # absent or empty: one rename
+        except OSError as e:  # e.g. a read-only mount point: its name, not the temporary folder's
+            raise HubFolderError(f'cannot write {out_dir}: {e.strerror or e}') from e
         return
     backup = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.old.', dir=out_dir.resolve().parent))
     backup.rmdir()
@@ -224,15 +256,19 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
         into place when complete and verified: on failure ``out_dir`` is as it was.
     """
     out_dir = Path(out_dir)
+    if label_names is not None and len(label_names) != model.num_classes:
+        raise HubFolderError(f'{len(label_names)} label names for a model with {model.num_classes} classes: give one '
+                             f'name per class')
     tmp = _prepare_output(out_dir, force, source)
     try:
         record = {'file': Path(source).name, 'sha256': file_sha256(source), 'ema': use_ema} if source else None
         if not all(t.is_contiguous() for t in model.state_dict().values()):
             # a channels_last model: safetensors stores contiguous tensors only, and the caller's model stays as it is
             model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        published = None if finetuned else _published_entry(model, record)
         model_config: Dict[str, Any] = {'label_names': list(label_names)} if label_names else {}
-        if finetuned:  # the weights are no longer those of the architecture's pretrained tag
-            model_config['pretrained_cfg'] = {'tag': 'finetuned'}
+        if not published and model.pretrained_cfg.get('tag') in _manifest_tags(model):
+            model_config['pretrained_cfg'] = {'tag': 'finetuned'}  # not the weights the tag names
         save_for_hf(model, str(tmp), model_config=model_config or None, data_config=data_config,
                     safe_serialization=True)
         config = json.loads((tmp / 'config.json').read_text())
@@ -240,7 +276,8 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
         config['zoo'] = {'version': zoo.__version__, **({'source': record} if record else {})}
         (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
         written_cfg = dict(config['pretrained_cfg'], architecture=config['architecture'])
-        (tmp / 'README.md').write_text(_model_card(model, written_cfg, repo_hint, record, finetuned))
+        (tmp / 'README.md').write_text(_model_card(model, written_cfg, repo_hint, record, finetuned, published,
+                                                   label_names))
         _apply_umask(tmp)
         report = verify_hub_folder(tmp) if verify else ''
         _move_into_place(tmp, out_dir)
@@ -301,7 +338,12 @@ def publish_hub_folder(folder: PathLike, repo_id: str, private: bool = False,
     if dry_run:
         return url, files
     api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)  # fails first without network or login
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)  # fails first without network or login
+    except Exception as e:  # huggingface_hub reports no network, no login and no permission with many types
+        reason = ' '.join(str(e).split()) or type(e).__name__
+        raise HubFolderError(f'cannot create {repo_id} on the Hugging Face Hub ({reason}): check the network '
+                             f'connection and log in with `hf auth login` (or set HF_TOKEN)') from e
     card = Path(folder) / 'README.md'
     card.write_text(re.sub(r'create_model\("hf-hub:[^"]*"', f'create_model("hf-hub:{repo_id}"', card.read_text()))
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message='Upload zoo export')

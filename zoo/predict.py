@@ -18,6 +18,8 @@ Prediction = List[Tuple[str, float]]  # (label, probability), best first
 def load_image(path: Union[str, Path]) -> Image.Image:
     """An image file as RGB; ``ValueError`` naming the file if it is missing or not an image."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f'{path} is a folder: give image files (`zoo evaluate MODEL --data FOLDER` scores a folder)')
     if not path.is_file():
         raise ValueError(f'{path}: no such image file')
     try:

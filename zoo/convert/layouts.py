@@ -221,6 +221,19 @@ class CheckpointLayouts:
         weight = state_dict.get(f'{classifier}.weight')
         return None if weight is None else weight.shape[0]
 
+    def load_state_dict_pre_hook(self, module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any,
+                                 **kwargs: Any) -> None:
+        """A ``register_load_state_dict_pre_hook`` hook: a state dict in another layout of the family, loaded into
+        the whole model (timm's ``load_checkpoint`` / ``checkpoint_path=``, or ``load_state_dict``), is converted
+        first. A state dict of the model's own keys, or one whose layout is not recognised, is left as it is."""
+        if prefix or set(state_dict) <= set(module.state_dict()):
+            return
+        if not any(layout.matches(state_dict) for layout in self.layouts):
+            return  # no layout of the family: load_state_dict names the keys itself
+        converted = self.convert(dict(state_dict), module)
+        state_dict.clear()
+        state_dict.update(converted)
+
     def _renamed(self, checkpoint: Mapping[str, Any], use_ema: bool) -> Tuple[SourceLayout, Dict[str, torch.Tensor]]:
         state_dict = unwrap_state_dict(checkpoint, use_ema=use_ema)
         layout = self.detect(state_dict)

@@ -29,8 +29,12 @@ def list_zoo_models(pattern: str = '*') -> List[str]:
     return sorted(name for module in FAMILY_MODULES for name in timm.list_models(pattern, module=module))
 
 
+_LOOKALIKES = str.maketrans({'o': '0', 'O': '0', 'l': '1', 'I': '1', '-': '_'})  # van_bo -> van_b0
+
+
 def _unknown_model(model: str, known: Sequence[str], where: str) -> ValueError:
-    close = difflib.get_close_matches(model, known, n=3, cutoff=0.75)
+    lookalike = model.translate(_LOOKALIKES)
+    close = [lookalike] if lookalike in known else difflib.get_close_matches(model, known, n=3, cutoff=0.75)
     hint = f'did you mean {" or ".join(close)}? ' if close else ''
     return ValueError(f'unknown model {model!r}: {hint}{where}')
 

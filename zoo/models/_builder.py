@@ -35,10 +35,11 @@ def _check_weights_reachable(variant: str, cfg: PretrainedCfg) -> None:
         raise RuntimeError(
             f'{tag} has no pretrained weights{notes}: create it with pretrained=False, or load your own with '
             f'pretrained_cfg_overlay=dict(file=PATH) or timm.create_model("hf-hub:ORG/NAME", pretrained=True)')
+    url = entry['source']['url']
+    what = 'the checkpoint of this model from that folder' if '/folders/' in url else 'the file'
     raise RuntimeError(
-        f'{tag} weights are not on the Hugging Face Hub; they are published at {entry["source"]["url"]}. Download the '
-        f'file, then load it with timm.create_model({variant!r}, pretrained=True, '
-        f'pretrained_cfg_overlay=dict(file=PATH)).')
+        f'{tag} weights are not on the Hugging Face Hub; they are published at {url}. Download {what}, then load it '
+        f'with timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)).')
 
 
 def _is_file_source(cfg: PretrainedCfg) -> bool:
@@ -111,6 +112,8 @@ def build_zoo_model(
         feature_cfg=feature_cfg, **kwargs)
     if reads_file:
         _forget_file_weights(model)
+    if not kwargs.get('features_only'):  # timm's load_checkpoint / checkpoint_path= convert the family's layouts too
+        model.register_load_state_dict_pre_hook(checkpoint_layouts.load_state_dict_pre_hook)
     return model
 
 

@@ -61,4 +61,4 @@ def weights_location(entry: Dict[str, Any]) -> str:
     source = entry['source']
     if 'hf_hub_id' in source:
         return f"hf-hub:{source['hf_hub_id']}/{source['hf_hub_filename']} ({source['layout']} layout)"
-    return f"{source['url']} ({source['layout']} layout, manual download)"
+    return f"manual download, {source['url'].split('?')[0]} ({source['layout']} layout)"
