@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -42,6 +43,42 @@ def load_reference(name: str) -> OfficialReference:
 def official_state_dict_keys() -> Dict[str, Dict[str, List[int]]]:
     """Key -> shape of every official state dict, full size, per ``family/model`` (official_state_dict_keys.json)."""
     return json.loads((FIXTURES / 'official_state_dict_keys.json').read_text())
+
+
+# official VAN-Classification keys -> transformers VanForImageClassification keys, written from the transformers
+# module names; test_inverse_table_yields_the_published_transformers_keys checks it against the published key set
+_OFFICIAL_TO_TRANSFORMERS = (
+    (r'^patch_embed(\d)\.proj\.', lambda m: f'van.encoder.stages.{int(m[1]) - 1}.embeddings.convolution.'),
+    (r'^patch_embed(\d)\.norm\.', lambda m: f'van.encoder.stages.{int(m[1]) - 1}.embeddings.normalization.'),
+    (r'^block(\d)\.(\d+)\.', lambda m: f'van.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.'),
+    (r'^norm(\d)\.', lambda m: f'van.encoder.stages.{int(m[1]) - 1}.normalization.'),
+    (r'\.norm1\.', '.pre_normomalization.'),
+    (r'\.norm2\.', '.post_normalization.'),
+    (r'\.attn\.proj_1\.', '.attention.pre_projection.conv.'),
+    (r'\.attn\.spatial_gating_unit\.conv0\.', '.attention.attention_layer.attention.depth_wise.'),
+    (r'\.attn\.spatial_gating_unit\.conv_spatial\.', '.attention.attention_layer.attention.depth_wise_dilated.'),
+    (r'\.attn\.spatial_gating_unit\.conv1\.', '.attention.attention_layer.attention.point_wise.'),
+    (r'\.attn\.proj_2\.', '.attention.post_projection.'),
+    (r'\.layer_scale_1$', '.attention_scaling.weight'),
+    (r'\.layer_scale_2$', '.mlp_scaling.weight'),
+    (r'\.mlp\.fc1\.', '.mlp.in_dense.'),
+    (r'\.mlp\.dwconv\.dwconv\.', '.mlp.depth_wise.'),
+    (r'\.mlp\.fc2\.', '.mlp.out_dense.'),
+    (r'^head\.', 'classifier.'),
+)
+
+
+def as_transformers_layout(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """An official VAN state dict renamed to the transformers layout of the Hub's van-* repos."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _OFFICIAL_TO_TRANSFORMERS:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    last = max(int(k.split('.')[3]) for k in out if k.startswith('van.encoder.stages.'))
+    norm = out[f'van.encoder.stages.{last}.normalization.weight']
+    out['van.layernorm.weight'], out['van.layernorm.bias'] = torch.ones_like(norm), torch.zeros_like(norm)
+    return out
 
 
 def van_training_checkpoint(state_dict: Dict[str, torch.Tensor], **extra: Any) -> Dict[str, Any]:
@@ -168,8 +205,8 @@ def run_zoo_here(*args: Any) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-def run_python_offline(script: str, *args: Any, hub_cache: Path) -> subprocess.CompletedProcess:
+def run_python_offline(script: str, *args: Any, hub_cache: Path, cwd: Any = None) -> subprocess.CompletedProcess:
     """``script`` in a fresh interpreter with ``HF_HUB_OFFLINE=1`` and ``hub_cache`` as the Hugging Face cache."""
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(hub_cache), HF_HOME=str(hub_cache.parent / 'hf_home'))
     return subprocess.run([sys.executable, '-c', script, *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=cwd)

@@ -4,47 +4,11 @@ Run like a user, in a fresh interpreter with ``HF_HUB_OFFLINE=1`` and a Hub cach
 timm and huggingface_hub code paths resolve the files; the weights inside are the official reference weights.
 """
 import json
-import re
 
 import torch
 
-from helpers import (lay_out_hub_cache, official_state_dict_keys, run_python_offline, torch_bytes,
-                     van_training_checkpoint)
-
-# official VAN-Classification keys -> transformers VanForImageClassification keys, written from the transformers
-# module names; test_inverse_table_yields_the_published_transformers_keys checks it against the published key set
-_OFFICIAL_TO_TRANSFORMERS = (
-    (r'^patch_embed(\d)\.proj\.', lambda m: f'van.encoder.stages.{int(m[1]) - 1}.embeddings.convolution.'),
-    (r'^patch_embed(\d)\.norm\.', lambda m: f'van.encoder.stages.{int(m[1]) - 1}.embeddings.normalization.'),
-    (r'^block(\d)\.(\d+)\.', lambda m: f'van.encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.'),
-    (r'^norm(\d)\.', lambda m: f'van.encoder.stages.{int(m[1]) - 1}.normalization.'),
-    (r'\.norm1\.', '.pre_normomalization.'),
-    (r'\.norm2\.', '.post_normalization.'),
-    (r'\.attn\.proj_1\.', '.attention.pre_projection.conv.'),
-    (r'\.attn\.spatial_gating_unit\.conv0\.', '.attention.attention_layer.attention.depth_wise.'),
-    (r'\.attn\.spatial_gating_unit\.conv_spatial\.', '.attention.attention_layer.attention.depth_wise_dilated.'),
-    (r'\.attn\.spatial_gating_unit\.conv1\.', '.attention.attention_layer.attention.point_wise.'),
-    (r'\.attn\.proj_2\.', '.attention.post_projection.'),
-    (r'\.layer_scale_1$', '.attention_scaling.weight'),
-    (r'\.layer_scale_2$', '.mlp_scaling.weight'),
-    (r'\.mlp\.fc1\.', '.mlp.in_dense.'),
-    (r'\.mlp\.dwconv\.dwconv\.', '.mlp.depth_wise.'),
-    (r'\.mlp\.fc2\.', '.mlp.out_dense.'),
-    (r'^head\.', 'classifier.'),
-)
-
-
-def as_transformers_layout(state_dict):
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in _OFFICIAL_TO_TRANSFORMERS:
-            key = re.sub(pattern, replacement, key)
-        out[key] = value
-    last = max(int(k.split('.')[3]) for k in out if k.startswith('van.encoder.stages.'))
-    norm = out[f'van.encoder.stages.{last}.normalization.weight']
-    out['van.layernorm.weight'], out['van.layernorm.bias'] = torch.ones_like(norm), torch.zeros_like(norm)
-    return out
-
+from helpers import (as_transformers_layout, lay_out_hub_cache, official_state_dict_keys, run_python_offline,
+                     torch_bytes, van_training_checkpoint)
 
 def test_inverse_table_yields_the_published_transformers_keys():
     official_keys = official_state_dict_keys()

@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command('publish', _publish, 'upload a converted folder to the Hugging Face Hub',
                   'Validate a folder written by `zoo convert` and upload it to a Hub model repo (created if needed; '
-                  'log in first with `huggingface-cli login` or HF_TOKEN).',
+                  'log in first with `hf auth login` or HF_TOKEN).',
                   '  zoo publish van_b0-in1k --repo-id me/van_b0.in1k --dry-run\n'
                   '  zoo publish van_b0-in1k --repo-id me/van_b0.in1k --private\n')
     sub.add_argument('folder', help='folder written by `zoo convert`')
