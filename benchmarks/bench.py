@@ -150,18 +150,24 @@ def _steps(name: str, memory_format: torch.memory_format, x: torch.Tensor, args:
     return steps
 
 
+def measure_configuration(names: List[str], format_name: str, batch_size: int, args: argparse.Namespace,
+                          onnx_diffs: Dict[str, float]) -> List[Measurement]:
+    """All models and forms of one (memory format, batch size), taking turns; their models are released on return so
+    that one configuration's models never share memory with the next one's."""
+    memory_format = MEMORY_FORMATS[format_name]
+    x = torch.randn(batch_size, 3, args.img_size, args.img_size, device=args.device).to(memory_format=memory_format)
+    steps = {(name, form): step for name in names
+             for form, step in _steps(name, memory_format, x, args, onnx_diffs).items()}
+    seconds_of = interleaved_median_seconds(steps, args.warmup, args.repeats, torch.device(args.device))
+    return [Measurement(name, form, format_name, batch_size, batch_size / seconds, seconds * 1e3)
+            for (name, form), seconds in seconds_of.items()]
+
+
 def measure(names: List[str], args: argparse.Namespace, onnx_diffs: Dict[str, float]) -> Iterator[Measurement]:
-    """Every model in every requested configuration; per configuration all models and forms take turns."""
+    """Every model in every requested configuration."""
     for format_name in args.memory_formats:
-        memory_format = MEMORY_FORMATS[format_name]
         for batch_size in args.batch_sizes:
-            x = torch.randn(batch_size, 3, args.img_size, args.img_size, device=args.device)
-            x = x.to(memory_format=memory_format)
-            steps = {(name, form): step for name in names
-                     for form, step in _steps(name, memory_format, x, args, onnx_diffs).items()}
-            seconds_of = interleaved_median_seconds(steps, args.warmup, args.repeats, torch.device(args.device))
-            for (name, form), seconds in seconds_of.items():
-                yield Measurement(name, form, format_name, batch_size, batch_size / seconds, seconds * 1e3)
+            yield from measure_configuration(names, format_name, batch_size, args, onnx_diffs)
 
 
 _PEAK_MEMORY_PROBE = """
@@ -253,17 +259,18 @@ def _family(name: str) -> str:
     return next((family for family in FAMILY_MODULES if name in timm.list_models(module=family)), 'baseline')
 
 
-def _inference_speed(measurements: List[Measurement]) -> Dict[str, float]:
-    """img/s of each model's training form in eval mode, NCHW, at the largest batch measured."""
+def _inference_speed(measurements: List[Measurement]) -> Tuple[Dict[str, float], str]:
+    """img/s of each model's training form in eval mode, NCHW, at the largest batch measured, and its axis label."""
     batch = max(m.batch_size for m in measurements)
-    return {m.model: m.images_per_s for m in measurements
-            if m.form == 'eval' and m.memory_format == 'nchw' and m.batch_size == batch}
+    speed = {m.model: m.images_per_s for m in measurements
+             if m.form == 'eval' and m.memory_format == 'nchw' and m.batch_size == batch}
+    return speed, f'images / s (inference, NCHW, batch {batch}, this machine)'
 
 
 def plot(measurements: List[Measurement], baselines: List[str], path: Path, title: str) -> None:
     """img/s of each family's models beside the timm baselines, one panel per family."""
     plt = _pyplot()
-    speed = _inference_speed(measurements)
+    speed, label = _inference_speed(measurements)
     families = list(dict.fromkeys(_family(m) for m in speed if _family(m) != 'baseline'))
     fig, axes = plt.subplots(1, len(families), figsize=(3.4 * len(families), 4), squeeze=False, sharey=True)
     for ax, family in zip(axes[0], families):
@@ -273,7 +280,7 @@ def plot(measurements: List[Measurement], baselines: List[str], path: Path, titl
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=60, ha='right', fontsize=7)
         ax.set_title(family, fontsize=9)
-    axes[0][0].set_ylabel('images / s (inference, NCHW)')
+    axes[0][0].set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -283,7 +290,7 @@ def plot(measurements: List[Measurement], baselines: List[str], path: Path, titl
 def plot_accuracy(measurements: List[Measurement], path: Path, title: str) -> None:
     """img/s against the reported ImageNet-1k top-1 of every measured model with published weights."""
     plt = _pyplot()
-    speed = _inference_speed(measurements)
+    speed, label = _inference_speed(measurements)
     top1 = {tag.split('.')[0]: entry['top1'] for tag, entry in load_manifest().items() if entry['top1'] is not None}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     families = list(dict.fromkeys(_family(m) for m in speed if m in top1))
@@ -292,7 +299,7 @@ def plot_accuracy(measurements: List[Measurement], path: Path, title: str) -> No
         ax.plot([speed[n] for n in names], [top1[n] for n in names], 'o', label=family)
         for n in names:
             ax.annotate(n, (speed[n], top1[n]), fontsize=6, xytext=(3, 3), textcoords='offset points')
-    ax.set(xlabel='images / s (inference, NCHW, this machine)', ylabel='reported ImageNet-1k top-1 (%)')
+    ax.set(xlabel=label, ylabel='reported ImageNet-1k top-1 (%)')
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=8)

@@ -174,6 +174,9 @@ def _bad_inputs(tmp_path, van_export):
         ('force over the checkpoint folder', ['convert', 'van_b0', good, '--out', tmp_path, '--force'],
          'holds the checkpoint'),
         ('unwritable output', ['convert', 'van_b0', good, '--out', tmp_path / 'a_file' / 'out'], 'cannot write'),
+        # sysfs refuses new folders to every user, root included: a read-only place named as itself, not as a temp
+        ('read-only output', ['convert', 'van_b0', good, '--out', '/sys/zoo-out'], 'cannot write /sys/zoo-out:'),
+        ('a folder to predict', ['predict', f'local-dir:{van_export}', tmp_path], 'is a folder: give image files'),
         ('non-image input', ['predict', f'local-dir:{van_export}', tmp_path / 'notes.jpg'], 'not a readable image'),
         ('missing image', ['predict', f'local-dir:{van_export}', tmp_path / 'absent.png'], 'no such image file'),
         ('unknown model to predict', ['predict', 'vann_b0', tmp_path / 'black.png'], "unknown model 'vann_b0'"),
