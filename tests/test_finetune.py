@@ -122,6 +122,8 @@ def test_convert_puts_odconv_into_a_trained_cnn_anneals_it_and_exports_the_repla
     model = timm.create_model(f'local-dir:{result.folder / "best"}', pretrained=True)
     assert model.pretrained_cfg['architecture'] == 'replaced_convs'
     assert sum(isinstance(m, ODConv2d) for m in model.modules()) == 19  # every conv of resnet18 but its stem
+    exported = run_zoo_here('export', f'local-dir:{result.folder / "best"}', '--out', tmp_path / 'od.onnx')
+    assert exported.returncode == 0 and 'onnxruntime matches PyTorch at batch 3' in exported.stdout, exported.stderr
 
 
 @pytest.fixture(scope='module')
@@ -152,6 +154,15 @@ class TestResults:
         result = run_zoo_here('publish', finished_run.folder / 'best', '--repo-id', 'me/van-pets', '--dry-run')
         assert result.returncode == 0, result.stderr
         assert 'is a valid zoo export' in result.stdout
+
+    @pytest.mark.slow
+    def test_exports_to_onnx_at_its_training_resolution(self, finished_run, tmp_path):
+        pytest.importorskip('onnxruntime', reason='ONNX export is checked with the [onnx] extra')
+        result = run_zoo_here('export', f'local-dir:{finished_run.folder / "best"}', '--out', tmp_path / 'pets.onnx',
+                              '--reparam')
+        assert result.returncode == 0, result.stderr
+        assert 'input (3, 32, 32) with a free batch dimension' in result.stdout
+        assert 'onnxruntime matches PyTorch at batch 3' in result.stdout
 
     def test_predict_prints_its_class_names(self, finished_run, data):
         result = run_zoo_here('predict', f'local-dir:{finished_run.folder / "best"}', data / 'val' / 'dog' / '0.png',

@@ -25,6 +25,12 @@ def test_builds_on_the_meta_device_with_nothing_left_on_cpu(model_name):
     assert {t.device.type for t in _tensors(model)} == {'meta'}
 
 
+@pytest.mark.parametrize('model_name', ONE_PER_FAMILY)
+def test_a_meta_model_infers_its_output_shape_without_memory(model_name):
+    model = timm.create_model(model_name, device='meta', num_classes=7)
+    assert model(torch.empty(2, 3, 64, 64, device='meta')).shape == (2, 7)
+
+
 @pytest.mark.parametrize('model_name', MODELS)
 def test_builds_in_bfloat16(model_name):
     model = timm.create_model(model_name, device='meta', dtype=torch.bfloat16)

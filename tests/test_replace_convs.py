@@ -205,7 +205,7 @@ def test_unknown_op_is_refused():
 _LOAD_WARM_START = '''
 import sys, torch, timm, zoo
 x, expected = torch.load(sys.argv[1])
-model = timm.create_model('xvolution_resnet50', pretrained=True).eval()
+model = timm.create_model('xvolution_resnet50.a1_in1k', pretrained=True).eval()
 with torch.no_grad():
     print((model(x) - expected).abs().max().item() / expected.abs().max().item())
 '''

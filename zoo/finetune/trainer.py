@@ -155,7 +155,9 @@ class _Run:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             device_ids = [self.processes.device.index] if self.processes.device.type == 'cuda' else None
             model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
-        return torch.compile(model) if self.recipe.compile else model
+        # static shapes (a graph for the full batches, one for the last): torch 2.14's dynamic-shape backward compile
+        # fails once the image size is symbolic too, which any earlier compile in the process may have caused
+        return torch.compile(model, dynamic=False) if self.recipe.compile else model
 
     def _datasets(self) -> Tuple[ImageFiles, ImageFiles]:
         train_tf, val_tf = transforms_for(self.data_config, self.recipe.hflip, self.recipe.scale,

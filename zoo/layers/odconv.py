@@ -111,7 +111,7 @@ class OmniAttention(nn.Module):
         b, _, h, w = x.shape
         if torch.jit.is_scripting():
             return self._attentions(x.sum((2, 3)) / (h * w))
-        if not torch.is_autocast_enabled(x.device.type):
+        if not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
             return self._attentions(x.sum((2, 3)) / (h * w))  # the mean; mean's backward writes a full-size gradient
         # float32 under mixed precision: the BatchNorm divides by variances far smaller than the means it removes
         # (0.01 against 5), which turns the rounding of a bfloat16 mean or layer into 10% errors of the attentions

@@ -74,10 +74,18 @@ def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     }
 
 
+
+def _warm_start_note(resnet: str) -> Tuple[str, ...]:
+    return (f'no official code or weights exist: train it, load weights trained with zoo, or start from timm\'s '
+            f'{resnet}.a1_in1k weights with the .a1_in1k tag',)
+
+
+# '*' after the warm starts makes the untrained tags the default (timm would take the first tag with weights), so that
+# `pretrained=True` without a tag never silently means a ResNet warm start
 default_cfgs = generate_default_cfgs({
     **manifest_cfgs('xvolution_resnet', _cfg),
-    'xvolution_resnet34.untrained': _cfg(),
-    'xvolution_resnet50.untrained': _cfg(),
+    'xvolution_resnet34.untrained*': _cfg(notes=_warm_start_note('resnet34')),
+    'xvolution_resnet50.untrained*': _cfg(notes=_warm_start_note('resnet50')),
     'xvolution_sa_resnet34.untrained': _cfg(),
     'xvolution_sa_resnet50.untrained': _cfg(),
 })
