@@ -170,6 +170,23 @@ def measure(names: List[str], args: argparse.Namespace, onnx_diffs: Dict[str, fl
             yield from measure_configuration(names, format_name, batch_size, args, onnx_diffs)
 
 
+def calibrated_model(name: str) -> torch.nn.Module:
+    """The model with non-trivial BatchNorm statistics (a few training-mode passes) and, for X-volution, its
+    attention branch switched on."""
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+            if hasattr(m, 'attn') and hasattr(m.attn, 'bn'):
+                m.attn.bn.weight.fill_(0.2)
+        model.train()
+        for seed in range(2):
+            model(torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
 _PEAK_MEMORY_PROBE = """
 import re, sys, torch, timm, zoo
 name, batch_size, img_size, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -233,9 +250,9 @@ def render(measurements: List[Measurement], peaks: Dict[str, float], onnx_diffs:
         f'Machine: {describe_machine(args.threads, args.device)}. Device {args.device}{amp}. Input '
         f'{args.img_size}x{args.img_size}; median of {args.repeats} runs after {args.warmup} warm-up runs. `eval`: '
         f'training form in eval mode; `reparam`: after `timm.utils.reparameterize_model`; `compile`: '
-        f'`torch.compile` of the training form; `onnx`: the fused model exported with `torch.onnx.export(dynamo=True)`, '
-        f'run by onnxruntime (CPU provider, same threads; outputs checked against PyTorch to 1e-4); `train`: forward + '
-        f'backward + SGD step. GMACs: one 224 px image, torch\'s FLOP counter.',
+        f'`torch.compile` of the training form; `onnx`: the fused model exported with '
+        f'`torch.onnx.export(dynamo=True)`, run by onnxruntime (CPU provider, same threads; outputs checked against '
+        f'PyTorch to 1e-4); `train`: forward + backward + SGD step. GMACs: one 224 px image, torch\'s FLOP counter.',
         '',
         '| model | params (M) | GMACs | form | memory format | batch | img/s | ms / batch |',
         '|---|---:|---:|---|---|---:|---:|---:|',

@@ -11,6 +11,7 @@ import torch
 import timm
 
 import zoo  # noqa: F401  (registers the zoo models)
+from bench import calibrated_model
 
 MODELS = ['van_b0', 'od_resnet18', 'od_mobilenetv2_050_4x', 'efficientmod_xxs', 'xvolution_resnet34',
           'xvolution_sa_resnet34']
@@ -20,27 +21,10 @@ def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float().cpu() - expected.float().cpu()).abs().max() / expected.abs().max()).item()
 
 
-def _model(name: str) -> torch.nn.Module:
-    """The model with non-trivial BatchNorm statistics (a few training-mode passes) and, for X-volution, its
-    attention branch switched on."""
-    torch.manual_seed(0)
-    model = timm.create_model(name)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = None
-            if hasattr(m, 'attn') and hasattr(m.attn, 'bn'):
-                m.attn.bn.weight.fill_(0.2)
-        model.train()
-        for seed in range(2):
-            model(torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(seed)))
-    return model.eval()
-
-
 def checks(name: str) -> List[Tuple[str, float, float]]:
     """(check, measured, bound) of one model."""
-    cpu = _model(name)
-    gpu = _model(name).cuda()
+    cpu = calibrated_model(name)
+    gpu = calibrated_model(name).cuda()
     x = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     results = []
     cpu.train()

@@ -47,4 +47,5 @@ def test_version_and_module_entry_point():
 def test_a_typo_gets_a_suggestion():
     result = run_zoo_here('info', 'van_bo')
     assert result.returncode == 1
-    assert result.stderr == "zoo: unknown model 'van_bo': did you mean van_b0? `zoo list` shows the models zoo registers\n"
+    assert result.stderr == ("zoo: unknown model 'van_bo': did you mean van_b0? "
+                             "`zoo list` shows the models zoo registers\n")

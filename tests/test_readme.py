@@ -33,7 +33,8 @@ def workspace(tmp_path_factory):
     lay_out_hub_cache(cache, 'Visual-Attention-Network/van-tiny',
                       {'pytorch_model.bin': torch_bytes(as_transformers_layout(van.state_dict))})
     save_file(timm.create_model('resnet18').state_dict(), root / 'resnet18.safetensors')
-    lay_out_hub_cache(cache, 'timm/resnet18.a1_in1k', {'model.safetensors': (root / 'resnet18.safetensors').read_bytes()})
+    resnet18_weights = (root / 'resnet18.safetensors').read_bytes()
+    lay_out_hub_cache(cache, 'timm/resnet18.a1_in1k', {'model.safetensors': resnet18_weights})
     lay_out_hub_cache(cache, 'me/efficientmod_xxs.in1k',
                       {p.name: p.read_bytes() for p in (root / 'efficientmod_xxs-in1k').iterdir()})
     return root

@@ -63,8 +63,9 @@ class Recipe:
     ema_decay: Optional[float] = _setting(None, "model EMA (timm's ModelEmaV3) when set, e.g. 0.999")
     freeze_backbone: bool = _setting(False, 'train the classifier only (linear probe)')
     patience: Optional[int] = _setting(None, 'stop after this many epochs without a better validation top-1')
-    odconv_temperature: str = _setting('auto', "ODConv attention temperature: 'auto' anneals only when the ODConv layers "
-                                                "start untrained, 'anneal' always, 'off' keeps 1")
+    odconv_temperature: str = _setting(
+        'auto', "ODConv attention temperature: 'auto' anneals only when the ODConv layers start untrained, "
+        "'anneal' always, 'off' keeps 1")
     temperature_initial: float = _setting(30.0, 'ODConv temperature at the start of an annealing')
     temperature_epochs: float = _setting(10.0, 'epochs over which the ODConv temperature falls to 1')
     # speed

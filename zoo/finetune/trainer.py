@@ -100,7 +100,8 @@ def _build_model(recipe: Recipe, num_classes: int) -> Tuple[nn.Module, bool, str
 
 def _anneals_temperature(recipe: Recipe, model: nn.Module, loaded: bool) -> bool:
     has_odconv = any(isinstance(m, ODConv2d) for m in model.modules())
-    return has_odconv and (recipe.odconv_temperature == 'anneal' or (recipe.odconv_temperature == 'auto' and not loaded))
+    mode = recipe.odconv_temperature
+    return has_odconv and (mode == 'anneal' or (mode == 'auto' and not loaded))
 
 
 def _amp(recipe: Recipe, device: torch.device) -> Tuple[Optional[torch.dtype], Optional[torch.amp.GradScaler]]:
@@ -219,7 +220,9 @@ class _Run:
                 images = images.contiguous(memory_format=torch.channels_last)
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
-            sync = contextlib.nullcontext() if step_now or not self.processes.distributed else self.train_model.no_sync()
+            # gradients are all-reduced only on the micro-batch that steps the optimizer
+            accumulating = self.processes.distributed and not step_now
+            sync = self.train_model.no_sync() if accumulating else contextlib.nullcontext()
             with sync:
                 with autocast:
                     logits = self.train_model(images)

@@ -1,8 +1,9 @@
 """Model construction shared by every zoo family: timm's builder, with zoo's reading of checkpoint files.
 
 :func:`build_zoo_model` is the one place where a checkpoint file becomes a model. Every route there goes through
-``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``: a user's own call, ``zoo convert``,
-``zoo predict --checkpoint`` and ``zoo finetune --checkpoint`` (the last three via :func:`create_model_from_checkpoint`).
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``: a user's own call,
+``zoo convert``, ``zoo predict --checkpoint`` and ``zoo finetune --checkpoint`` (the last three via
+:func:`create_model_from_checkpoint`).
 """
 import dataclasses
 import logging

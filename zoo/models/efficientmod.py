@@ -14,13 +14,13 @@ each a conv followed by LayerNorm); the head averages the final LayerNorm's outp
 Written from the paper for timm. The official weights (state dict and EMA of the authors' timm training checkpoints)
 load through ``EFFICIENTMOD_LAYOUTS`` (``zoo/convert/efficientmod.py``), this file's pretrained filter, which maps the
 official keys (``patch_embed.proj``, ``layers.{i}.blocks.{j}``, ``layers.{i}.downsample``,
-``mlp.context_layer.context_list.0``, ``gamma_1``, ``head``) onto this file's; they reproduce the official logits. Departures from the official code, none of which
-changes a published model: stage ``i``'s downsample belongs to stage ``i`` (the official code ends stage ``i - 1``
-with it), so ``feature_info`` reports each resolution once; the context branch has one depthwise conv (the official
-code allows a sum over several kernel sizes, which no published model uses); the expansion ratio of a block must be
-a whole number, as in every published model; with ``proj_drop_rate > 0`` the modulation also drops out after ``fc2``
-(the official block has no dropout there; all published models train without it). ``reparameterize()`` folds the
-layer scales into the modulations' output projections.
+``mlp.context_layer.context_list.0``, ``gamma_1``, ``head``) onto this file's; they reproduce the official logits.
+Departures from the official code, none of which changes a published model: stage ``i``'s downsample belongs to stage
+``i`` (the official code ends stage ``i - 1`` with it), so ``feature_info`` reports each resolution once; the context
+branch has one depthwise conv (the official code allows a sum over several kernel sizes, which no published model uses);
+the expansion ratio of a block must be a whole number, as in every published model; with ``proj_drop_rate > 0`` the
+modulation also drops out after ``fc2`` (the official block has no dropout there; all published models train without
+it). ``reparameterize()`` folds the layer scales into the modulations' output projections.
 """
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 

@@ -5,9 +5,9 @@ Official code: https://github.com/OSVAI/ODConv (MIT)
 
 MobileNetV2 (Sandler et al., arXiv 1801.04381) with every convolution but the stem replaced by
 ``zoo.layers.ODConv2d``: the 1x1 expansions, the 3x3 depthwise convs, the 1x1 projections and the final 1x1 conv to
-1280 channels. Module names follow the official (torchvision-style) model, ``features.{i}``: ``ODCONV_MOBILENETV2_LAYOUTS``
-(``zoo/convert/odconv.py``), this file's pretrained filter, unwraps the official DDP training container and renames only
-the classifier (``classifier.1`` -> ``classifier``). ``reparameterize()``
+1280 channels. Module names follow the official (torchvision-style) model, ``features.{i}``:
+``ODCONV_MOBILENETV2_LAYOUTS`` (``zoo/convert/odconv.py``), this file's pretrained filter, unwraps the official DDP
+training container and renames only the classifier (``classifier.1`` -> ``classifier``). ``reparameterize()``
 (``timm.utils.reparameterize_model``) folds the BatchNorm after every ODConv into it.
 """
 from typing import Any, Dict, List, Optional, Set, Tuple, Union

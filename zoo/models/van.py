@@ -9,12 +9,12 @@ BatchNorm -> conv MLP, both scaled by a learnt layer scale, and a LayerNorm over
 attention unit adds its own input back (``proj2(lka(...)) + x``) inside the layer-scaled residual branch, and the
 classifier sees the mean over positions of the last stage's LayerNorm output.
 
-Written from the paper for timm. Original checkpoints load through ``VAN_LAYOUTS`` (``zoo/convert/van.py``), this
-file's pretrained filter: the official VAN-Classification training checkpoints (``patch_embed1.proj``,
-``block1.0.attn.spatial_gating_unit.conv0``, ``norm1``, ``head``), Hugging Face transformers' ``VanForImageClassification``
-(``van.encoder.stages.0.layers.0...``), mmpretrain's (``backbone.blocks1...``) and zoo's own keys, recognised from the
-keys; they reproduce the official logits. ``reparameterize()`` folds BatchNorm and layer scale into the adjacent
-convolutions for deployment.
+Written from the paper for timm. Original checkpoints load through ``VAN_LAYOUTS`` (``zoo/convert/van.py``), this file's
+pretrained filter: the official VAN-Classification training checkpoints (``patch_embed1.proj``,
+``block1.0.attn.spatial_gating_unit.conv0``, ``norm1``, ``head``), Hugging Face transformers'
+``VanForImageClassification`` (``van.encoder.stages.0.layers.0...``), mmpretrain's (``backbone.blocks1...``) and zoo's
+own keys, recognised from the keys; they reproduce the official logits. ``reparameterize()`` folds BatchNorm and layer
+scale into the adjacent convolutions for deployment.
 """
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
