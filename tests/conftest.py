@@ -1,8 +1,21 @@
 """pytest setup: ``import zoo`` registers the models with timm before any test; shared helpers are in helpers.py."""
+import os
+
 import pytest
+import torch
 
 import zoo  # noqa: F401  (registers the models with timm)
 from helpers import OfficialReference, load_reference
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, share the cores among the workers (and the interpreters they start): workers of as many
+    threads as there are cores each wait on one another (measured 4x slower on a busy core, see README)."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '0'))
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ['OMP_NUM_THREADS'] = threads
+        torch.set_num_threads(int(threads))
 
 
 @pytest.fixture(scope='session')
