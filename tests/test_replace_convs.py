@@ -192,10 +192,15 @@ def test_a_converted_timm_model_round_trips_through_local_dir(tmp_path, calibrat
         torch.testing.assert_close(reloaded(x), converted(x), rtol=0, atol=0)
 
 
-def test_replaced_convs_builds_a_replaced_timm_model_by_name():
-    model = timm.create_model('replaced_convs', base='resnet34', op='xvolution_sa', num_classes=5)
+def test_replaced_convs_builds_a_replaced_timm_model_by_name_that_exports_and_reloads(tmp_path):
+    model = timm.create_model('replaced_convs', base='resnet34', op='xvolution_sa', num_classes=5).eval()
     assert sum(isinstance(m, XVolution2d) for m in model.modules()) == 12  # both 3x3 convs of layer3's 6 blocks
-    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    x = torch.randn(1, 3, 64, 64)
+    assert model(x).shape == (1, 5)
+    export_hub_folder(model, tmp_path / 'out', verify=True)
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
 
 
 def test_unknown_op_is_refused():

@@ -153,6 +153,18 @@ class XVolution2d(nn.Module):
         # a fresh operator is its convolution branch (see the module docstring)
         nn.init.zeros_(self.attn.bn.weight)
 
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, norm: nn.Module, attention: str = 'pssa') -> 'XVolution2d':
+        """An X-volution whose convolution branch is ``conv`` -> ``norm`` (modules taken over, not copied), with
+        ``conv``'s geometry: a plain 3x3 conv (one group, no bias, padding = dilation)."""
+        if conv.kernel_size != (3, 3) or conv.groups != 1 or conv.bias is not None or conv.padding != conv.dilation:
+            raise ValueError(
+                f'X-volution replaces plain 3x3 convs (one group, no bias, padding = dilation), not {conv}')
+        xvol = cls(conv.in_channels, conv.out_channels, stride=conv.stride[0], dilation=conv.dilation[0],
+                   attention=attention, device=conv.weight.device, dtype=conv.weight.dtype)
+        xvol.conv, xvol.bn = conv, norm
+        return xvol
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x)) + self.attn(x)
 

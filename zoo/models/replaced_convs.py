@@ -171,14 +171,6 @@ def _odconv_from(conv: nn.Conv2d, kernel_num: int, reduction: float, generator: 
     return odconv
 
 
-def _xvolution_from(conv: nn.Conv2d, norm: Optional[nn.Module], attention: str) -> XVolution2d:
-    xvol = XVolution2d(conv.in_channels, conv.out_channels, stride=conv.stride[0], dilation=conv.dilation[0],
-                       attention=attention, device=conv.weight.device, dtype=conv.weight.dtype)
-    xvol.conv = conv
-    xvol.bn = norm if norm is not None else nn.Identity()
-    return xvol
-
-
 def _macs(model: nn.Module, input_size: Sequence[int]) -> Optional[int]:
     """Multiply-accumulates of one eval-mode forward, by torch's FLOP counter (None where the forward fails)."""
     training = model.training
@@ -202,6 +194,7 @@ def replace_convs(
         reduction: float = 0.0625,
         input_size: Optional[Sequence[int]] = None,
         seed: int = 0,
+        count_macs: bool = True,
 ) -> Tuple[nn.Module, ReplaceReport]:
     """Replace ``model``'s convs with ``op`` in place, carrying their weights over; see the module docstring.
 
@@ -216,6 +209,7 @@ def replace_convs(
         reduction: ODConv's attention width as a fraction of the input channels.
         input_size: (C, H, W) for the MAC count; the model's pretrained cfg's, else (3, 224, 224).
         seed: Seed of ODConv's symmetry-breaking kernel noise.
+        count_macs: Count the MACs before and after (a forward pass each); False leaves the report's MACs None.
     Returns:
         The model and a :class:`ReplaceReport`. Convs the operator cannot replace (a bias for X-volution, padding
         modes, asymmetric kernels, ...) are left and listed with the reason.
@@ -224,7 +218,7 @@ def replace_convs(
         raise ValueError(f'unknown op {op!r}: use one of {", ".join(OPS)}')
     input_size = tuple(input_size or (getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or (3, 224, 224))
     report = ReplaceReport(op, input_size=input_size, params_before=sum(p.numel() for p in model.parameters()),
-                           macs_before=_macs(model, input_size))
+                           macs_before=_macs(model, input_size) if count_macs else None)
     modules = dict(model.named_modules())
     convs = [name for name, m in modules.items() if isinstance(m, nn.Conv2d)]
     patterns = list(include) if include is not None else _default_include(model, op)
@@ -247,21 +241,17 @@ def replace_convs(
             if norm is not None:
                 new = ConvNorm(new, norm)
         else:
-            new = _xvolution_from(conv, norm, 'pssa' if op == 'xvolution' else 'sa')
-        _set(model, name, new)
+            attention = 'pssa' if op == 'xvolution' else 'sa'
+            new = XVolution2d.from_conv(conv, norm if norm is not None else nn.Identity(), attention)
+        model.set_submodule(name, new)
         if remainder is not None:
-            _set(model, norms[name], remainder)
+            model.set_submodule(norms[name], remainder)
         report.replaced.append((name, f'{type(new).__name__}' + (f' with {norms[name]}' if name in norms else '')))
     report.params_after = sum(p.numel() for p in model.parameters())
-    report.macs_after = _macs(model, input_size)
+    report.macs_after = _macs(model, input_size) if count_macs else None
     _remember(model, dict(op=op, include=include, exclude=exclude, kernel_sizes=kernel_sizes, kernel_num=kernel_num,
                           reduction=reduction, seed=seed))
     return model, report
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition('.')
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _remember(model: nn.Module, replacement: Dict[str, Any]) -> None:
@@ -293,8 +283,10 @@ def replaced_convs(pretrained: bool = False, base: str = 'resnet50', base_args: 
     def build(**model_kwargs: Any) -> nn.Module:
         model = timm.create_model(base, **dict(base_args or {}, **model_kwargs))
         replace_convs(model, op, include=include, exclude=exclude, kernel_sizes=kernel_sizes, kernel_num=kernel_num,
-                      reduction=reduction, seed=seed)
+                      reduction=reduction, seed=seed, count_macs=False)  # the report is not kept
         return model
-    cfg = kwargs.pop('pretrained_cfg', None) or copy.deepcopy(timm.models.get_pretrained_cfg(base).to_dict())
+    # the base's preprocessing, under this architecture's name, so that exports rebuild the replaced model
+    cfg = kwargs.pop('pretrained_cfg', None) or dict(
+        copy.deepcopy(timm.models.get_pretrained_cfg(base).to_dict()), architecture='replaced_convs', tag=None)
     return build_model_with_cfg(build, 'replaced_convs', pretrained, pretrained_cfg=cfg,
                                 feature_cfg=dict(feature_cls='getter'), **kwargs)

@@ -34,13 +34,10 @@ __all__ = ['XVolutionResNet']
 
 def _xvolution_like(conv: nn.Conv2d, norm: nn.BatchNorm2d, attention: str) -> XVolution2d:
     """An X-volution with the geometry timm gave ``conv``, whose convolution branch is ``conv`` -> ``norm``."""
-    if conv.groups != 1 or conv.bias is not None or conv.padding != conv.dilation:
-        raise ValueError(f'X-volution replaces plain 3x3 convs (one group, no bias, padding = dilation), not {conv}; '
-                         f'build the model without cardinality / groups')
-    xvol = XVolution2d(conv.in_channels, conv.out_channels, stride=conv.stride[0], dilation=conv.dilation[0],
-                       attention=attention, device=conv.weight.device, dtype=conv.weight.dtype)
-    xvol.conv, xvol.bn = conv, norm
-    return xvol
+    try:
+        return XVolution2d.from_conv(conv, norm, attention)
+    except ValueError as e:  # timm's grouped (ResNeXt) blocks
+        raise ValueError(f'{e}; build the model without cardinality / groups') from None
 
 
 class XVolutionResNet(ResNet):
