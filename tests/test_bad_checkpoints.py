@@ -74,6 +74,16 @@ class TestReader:
             read_checkpoint(tmp_path / 'exploit.pkl')
         assert not marker.exists()
 
+    def test_a_legacy_torch_save_that_would_run_code_is_refused_unread(self, tmp_path):
+        """torch.save's pre-1.6 format: four pickles, the object in the last one."""
+        marker = tmp_path / 'code_ran'
+        torch.save({'state_dict': RunsCodeWhenUnpickled(marker)}, tmp_path / 'legacy.pth',
+                   _use_new_zipfile_serialization=False)
+        with pytest.raises(CheckpointError, match=r'legacy\.pth: refused: unpickling it would run code \(it calls '
+                                                  r'\w+\.open\)'):
+            read_checkpoint(tmp_path / 'legacy.pth')
+        assert not marker.exists()
+
     def test_a_folder(self, tmp_path):
         with pytest.raises(CheckpointError, match='is a folder: give the checkpoint file in it'):
             read_checkpoint(tmp_path)

@@ -46,19 +46,20 @@ def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _pickled_globals(path: Path) -> List[str]:
-    """The globals (``module.name``) the first pickle in a file would import, read from its opcodes without running
-    them; [] where the file is not a readable pickle."""
+    """The globals (``module.name``) the pickles at the start of a file would import, read from their opcodes without
+    running them: a bare pickle, or the four of a legacy (non-zip) ``torch.save`` file, whose raw storages follow."""
     found, strings = [], []
     with open(path, 'rb') as f:
         try:
-            for opcode, arg, _ in pickletools.genops(f):
-                if opcode.name == 'GLOBAL':
-                    found.append(str(arg).replace(' ', '.'))
-                elif opcode.name == 'STACK_GLOBAL' and len(strings) >= 2:
-                    found.append(f'{strings[-2]}.{strings[-1]}')
-                elif isinstance(arg, str):
-                    strings.append(arg)
-        except Exception:  # damage or the end of the first pickle: what was read so far is what it asks for
+            while True:  # each genops stops after one pickle's STOP
+                for opcode, arg, _ in pickletools.genops(f):
+                    if opcode.name == 'GLOBAL':
+                        found.append(str(arg).replace(' ', '.'))
+                    elif opcode.name == 'STACK_GLOBAL' and len(strings) >= 2:
+                        found.append(f'{strings[-2]}.{strings[-1]}')
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+        except Exception:  # the end of the file, the storages' raw bytes or damage: what was read is what it asks for
             pass
     return found
 
@@ -74,23 +75,25 @@ def _refusal(path: Path, unsafe: List[str]) -> CheckpointError:
         f'never needs. If you trust its origin, load it in your own code and save its state dict with safetensors')
 
 
-def _read_pickle(path: Path) -> Any:
-    is_zip = zipfile.is_zipfile(path)
-    if not is_zip:
-        unsafe = _unsafe(_pickled_globals(path))
-        if unsafe:
-            raise _refusal(path, unsafe)
+def _unsafe_globals(path: Path) -> List[str]:
+    """The globals a checkpoint that torch.load refused would import, read without running anything."""
+    if not zipfile.is_zipfile(path):
+        return _unsafe(_pickled_globals(path))
     try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # a damaged archive: the load error says more
+        return []
+
+
+def _read_pickle(path: Path) -> Any:
+    try:
+        # weights_only: a global outside SAFE_GLOBALS is refused before anything runs
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # torch.load reports damage with many exception types, refusals with UnpicklingError
-        if is_zip and isinstance(e, pickle.UnpicklingError):
-            try:
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-            except Exception:  # a damaged archive: the load error says more
-                unsafe = []
-            if unsafe:
-                raise _refusal(path, unsafe) from e
+        unsafe = _unsafe_globals(path) if isinstance(e, pickle.UnpicklingError) else []
+        if unsafe:
+            raise _refusal(path, unsafe) from e
         reason = ' '.join(str(e).split('. ')[0].split()) or type(e).__name__  # torch appends advice that does not apply
         raise CheckpointError(f'{path}: a damaged or truncated PyTorch checkpoint ({reason}): download or save it '
                               f'again') from e
