@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ['Processes', 'join_processes', 'leave_processes']
+__all__ = ['Processes', 'join_processes', 'leave_processes', 'sum_over_processes']
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,16 @@ def join_processes() -> Processes:
         device = torch.device('cpu')
         dist.init_process_group('gloo')
     return Processes(dist.get_rank(), dist.get_world_size(), device)
+
+
+def sum_over_processes(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` summed over the process group (reduced on ``device``: NCCL reduces only GPU tensors), on its own
+    device; ``tensor`` itself outside a process group."""
+    if not dist.is_initialized():
+        return tensor
+    reduced = tensor.to(device, copy=True)
+    dist.all_reduce(reduced)
+    return reduced.to(tensor.device)
 
 
 def leave_processes(processes: Processes) -> None:

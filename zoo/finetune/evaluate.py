@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import ImageNetInfo, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import DataError, FolderSplit, ImageFiles, transforms_for
+from .distributed import sum_over_processes
 
 __all__ = ['Evaluation', 'class_index_of', 'confusion_rows', 'evaluate', 'evaluate_folder']
 
@@ -73,9 +73,7 @@ def evaluate(model: nn.Module, loader: DataLoader, class_index: torch.Tensor, de
         predicted_class = torch.where(predicted < len(outputs_to_class),
                                       outputs_to_class[predicted.clamp(max=len(outputs_to_class) - 1)], k)
         confusion += torch.bincount(targets * (k + 1) + predicted_class, minlength=k * (k + 1)).view(k, k + 1)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-        dist.all_reduce(confusion)
+    totals, confusion = sum_over_processes(totals, device), sum_over_processes(confusion, device)
     count = int(totals[0])
     if count == 0:
         raise DataError('no images to evaluate')

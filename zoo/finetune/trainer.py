@@ -39,7 +39,7 @@ from zoo.layers import ODConv2d, odconv_temperature, set_temperature
 from zoo.models import check_timm_model_name, create_model_from_checkpoint, replace_convs
 from .data import ImageFiles, read_image_folder, transforms_for
 from .digits import digits_folder
-from .distributed import Processes, join_processes, leave_processes
+from .distributed import Processes, join_processes, leave_processes, sum_over_processes
 from .evaluate import Evaluation, evaluate
 from .recipe import Recipe, RecipeError
 from .run_folder import RunFolder, RunFolderError
@@ -208,13 +208,15 @@ class _Run:
         device, recipe = self.processes.device, self.recipe
         autocast = torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         self._set_train_mode()
-        total, count, hits, start = torch.zeros(2, dtype=torch.float64), 0, 0, time.perf_counter()
+        # the loss is summed where it is computed: reading it every step would wait for the GPU every step
+        loss_sum, count, hits, start = torch.zeros((), dtype=torch.float64, device=device), 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f'epoch {epoch + 1}/{recipe.epochs}', unit='batch', leave=False,
                    disable=not self.processes.is_main or None)
         for i, (images, targets) in enumerate(bar):
             step_now = (i + 1) % recipe.accumulate == 0 or i + 1 == len(loader)
+            temperature = self._temperature(epoch + i / len(loader))
             if self.anneal:
-                set_temperature(self.model, self._temperature(epoch + i / len(loader)))
+                set_temperature(self.model, temperature)
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if recipe.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -230,29 +232,29 @@ class _Run:
                 (self.scaler.scale(loss) if self.scaler else loss).div(recipe.accumulate).backward()
             if step_now:
                 self._step(epoch * self.steps_per_epoch + i // recipe.accumulate + 1)
-            total += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)
+            loss_sum += loss.detach().double() * len(images)
             count += len(images)
             if bar.disable:
                 continue
-            status = dict(loss=f'{total[0] / total[1]:.3f}', img_s=f'{count / (time.perf_counter() - start):.0f}',
+            status = dict(loss=f'{loss_sum.item() / count:.3f}', img_s=f'{count / (time.perf_counter() - start):.0f}',
                           lr=f'{self.optimizer.param_groups[0]["lr"]:.2e}')
             if self.mixup is None:  # mixed targets have no accuracy
                 hits += (logits.argmax(1) == targets).sum().item()
                 status['acc'] = f'{100 * hits / count:.1f}%'
             if self.anneal:
-                status['T'] = f'{self._temperature(epoch + i / len(loader)):.2f}'
+                status['T'] = f'{temperature:.2f}'
             bar.set_postfix(status, refresh=False)
         seconds = time.perf_counter() - start
-        if self.processes.distributed:
-            torch.distributed.all_reduce(total)
+        total = sum_over_processes(torch.stack([loss_sum, torch.tensor(count, dtype=torch.float64, device=device)]),
+                                   device)
         return (total[0] / total[1]).item(), count * self.processes.world_size / seconds
 
     def _step(self, num_updates: int) -> None:
         """One optimizer step (after unscaling and clipping), then the EMA and the lr schedule follow."""
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.recipe.clip_grad:
+            parameters = [p for p in self.model.parameters() if p.requires_grad]
             dispatch_clip_grad(parameters, self.recipe.clip_grad, mode=self.recipe.clip_mode)
         if self.scaler:
             self.scaler.step(self.optimizer)
