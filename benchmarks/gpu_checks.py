@@ -2,13 +2,13 @@
 against the CPU in float32 (TF32 off), under autocast bf16 and fp16 against float32, and torch.compile against eager.
 Prints one line per check, writes them to ``--out`` (markdown) and exits 1 if any check fails."""
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import List, Tuple
 
 import torch
-import timm
 
 import zoo  # noqa: F401  (registers the zoo models)
 from bench import calibrated_model
@@ -24,7 +24,7 @@ def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def checks(name: str) -> List[Tuple[str, float, float]]:
     """(check, measured, bound) of one model."""
     cpu = calibrated_model(name)
-    gpu = calibrated_model(name).cuda()
+    gpu = copy.deepcopy(cpu).cuda()
     x = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     results = []
     cpu.train()

@@ -241,7 +241,6 @@ def _bad_inputs(tmp_path):
     (tmp_path / 'bad.yaml').write_text('model: van_b0\nlearning_rate: 0.1\n')
     (tmp_path / 'other_run').mkdir()
     (tmp_path / 'other_run' / 'config.yaml').write_text('model: van_b0\n')
-    (tmp_path / 'evil.pth').write_bytes(b'')
     torch.save({'state_dict': {}, 'args': RunsCodeWhenUnpickled(tmp_path / 'code_ran')}, tmp_path / 'evil.pth')
     quick = ['--no-pretrained', '--img-size', '32', '--epochs', '1', '--workers', '0']
     return [

@@ -11,7 +11,7 @@ from timm.utils import reparameterize_model
 
 from zoo.convert import CheckpointMismatchError
 from zoo.layers import PixelShiftConv2d, XVolution2d, pixel_shift_products
-from helpers import lay_out_hub_cache, relative_error, run_python_offline
+from helpers import calibrated_xvolution, lay_out_hub_cache, relative_error, run_python_offline
 
 
 def randomize_norms(module: nn.Module) -> nn.Module:
@@ -24,22 +24,6 @@ def randomize_norms(module: nn.Module) -> nn.Module:
                                           (m.running_var, .5, 1.5)):
                     tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
     return module
-
-
-def calibrated(model: nn.Module) -> nn.Module:
-    """A deep network with BatchNorm statistics of real forward passes and the attention switched on (scale 0.2):
-    random statistics would let the quadratic PSSA products overflow over a dozen blocks."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None  # running statistics become the average over the calibration batches
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, XVolution2d):
-                m.attn.bn.weight.fill_(0.2)
-        model.train()
-        for seed in range(2):
-            model(torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(seed)))
-    return model.eval()
 
 
 class TestPixelShiftProducts:
@@ -151,7 +135,7 @@ class TestModels:
 
     @pytest.mark.parametrize('model_name', MODELS)
     def test_reparameterized_equals_the_training_form_and_scripts(self, model_name):
-        model = calibrated(timm.create_model(model_name))
+        model = calibrated_xvolution(timm.create_model(model_name))
         fused = reparameterize_model(model)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.layer3.modules())
         x = torch.randn(2, 3, 96, 96)
@@ -162,7 +146,7 @@ class TestModels:
         torch.testing.assert_close(scripted, actual)
 
     def test_reparameterized_backbone_gives_the_same_features(self):
-        model = calibrated(timm.create_model('xvolution_resnet50'))
+        model = calibrated_xvolution(timm.create_model('xvolution_resnet50'))
         fused = reparameterize_model(model)
         x = torch.randn(1, 3, 96, 96)
         with torch.no_grad():
@@ -178,7 +162,7 @@ class TestModels:
 
 @pytest.fixture(scope='module')
 def trained():
-    return calibrated(timm.create_model('xvolution_resnet34', num_classes=5))
+    return calibrated_xvolution(timm.create_model('xvolution_resnet34', num_classes=5))
 
 
 class TestUserWeights:

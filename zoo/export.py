@@ -61,7 +61,7 @@ def export_onnx(model: nn.Module, out: PathLike, input_size: Optional[tuple] = N
     if not out.parent.is_dir():
         raise ExportError(f'{out.parent}: no such folder to write {out.name} into')
     input_size = tuple(input_size or model.pretrained_cfg['input_size'])
-    model = (reparameterize_model(model.eval()) if reparameterize else model).eval()
+    model = reparameterize_model(model.eval()) if reparameterize else model.eval()
     # torch.export fixes a dimension of size 1, so a free batch is exported at 2 and checked at 3
     export_batch, check_batch = (2, 3) if dynamic_batch else (1, 1)
     example = torch.randn(export_batch, *input_size, generator=torch.Generator().manual_seed(0))

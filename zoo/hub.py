@@ -8,7 +8,6 @@ pretrained cfg with the real preprocessing, plus a ``zoo`` record of the source 
 import copy
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from timm.models import save_for_hf
 from torch import nn
 
 import zoo
+from zoo._files import current_umask
 from zoo.models import list_zoo_models, load_manifest, weights_location
 
 __all__ = [
@@ -195,8 +195,7 @@ def _prepare_output(out_dir: Path, force: bool, source: Optional[PathLike]) -> P
 
 def _apply_umask(folder: Path) -> None:
     """Give ``folder`` and its files the modes the user's umask asks for (mkdtemp and safetensors use 0o700/0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for path in (folder, *folder.iterdir()):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 

@@ -85,6 +85,11 @@ def _check_images(files: Dict[str, List[Path]], workers: int) -> Tuple[Dict[str,
     return kept, [p for p in every if not readable[p]]
 
 
+def _labelled(files: Dict[str, List[Path]], classes: List[str]) -> List[Sample]:
+    """(path, class index) of every file, class by class."""
+    return [(p, index) for index, name in enumerate(classes) for p in files.get(name, ())]
+
+
 def _held_out(files: Dict[str, List[Path]], classes: List[str], fraction: float,
               seed: int) -> Tuple[List[Sample], List[Sample]]:
     """A per-class split: ``fraction`` of each class (at least one image where it has two) for validation."""
@@ -120,10 +125,9 @@ def read_image_folder(root: Path, val_fraction: Optional[float] = 0.2, seed: int
             raise DataError(f'{val_root} has classes that {train_root} lacks: {", ".join(stray)}')
         val_files, val_skipped = _check_images(_files(val_folders), workers)
         skipped += val_skipped
-        train = [(p, i) for i, name in enumerate(classes) for p in files[name]]
-        val = [(p, classes.index(name)) for name, paths in val_files.items() for p in paths]
+        train, val = _labelled(files, classes), _labelled(val_files, classes)
     elif val_fraction is None:
-        train, val = [(p, i) for i, name in enumerate(classes) for p in files[name]], []
+        train, val = _labelled(files, classes), []
     else:
         train, val = _held_out(files, classes, val_fraction, seed)
     empty = [name for name in classes if not files[name]]

@@ -13,7 +13,7 @@ import csv
 import io
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 import yaml

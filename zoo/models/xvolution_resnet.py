@@ -17,7 +17,6 @@ X-volution into a single ``PixelShiftConv2d``.
 """
 from typing import Any, Dict, Tuple
 
-import torch
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
