@@ -117,12 +117,6 @@ def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: O
 
 
 
-def _manifest_tags(model: nn.Module) -> List[str]:
-    """The tags of ``model``'s architecture that the manifest lists (those with published weights)."""
-    architecture = model.pretrained_cfg.get('architecture')
-    return [tag.split('.', 1)[1] for tag in load_manifest() if tag.split('.')[0] == architecture]
-
-
 def _published_entry(model: nn.Module, source: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The manifest entry of ``model``'s weights where they are the published ones: its tag's entry, the tag's number
     of classes, and (where the manifest knows it) the published file's sha256."""
@@ -266,7 +260,8 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
             model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
         published = None if finetuned else _published_entry(model, record)
         model_config: Dict[str, Any] = {'label_names': list(label_names)} if label_names else {}
-        if not published and model.pretrained_cfg.get('tag') in _manifest_tags(model):
+        cfg = model.pretrained_cfg
+        if not published and f'{cfg.get("architecture")}.{cfg.get("tag")}' in load_manifest():
             model_config['pretrained_cfg'] = {'tag': 'finetuned'}  # not the weights the tag names
         save_for_hf(model, str(tmp), model_config=model_config or None, data_config=data_config,
                     safe_serialization=True)

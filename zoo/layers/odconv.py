@@ -108,7 +108,7 @@ class OmniAttention(nn.Module):
             torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Attentions over input channels (B, C_in, 1, 1), output channels (B, C_out, 1, 1) or None, kernel
         positions (B, k * k) or None, and kernels (B, kernel_num) or None, in x's dtype."""
-        b, _, h, w = x.shape
+        h, w = x.shape[-2:]
         if torch.jit.is_scripting():
             return self._attentions(x.sum((2, 3)) / (h * w))
         if not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
