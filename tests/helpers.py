@@ -6,8 +6,10 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -227,3 +229,64 @@ def calibrated_xvolution(model: torch.nn.Module) -> torch.nn.Module:
         for seed in range(2):
             model(torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(seed)))
     return model.eval()
+
+
+class FileServer:
+    """An HTTP server on 127.0.0.1 that serves ``files`` (path -> bytes) and counts the requests for each path; a
+    ``delay`` in seconds before each answer keeps a download in flight while other processes ask for it."""
+
+    def __init__(self, files: Dict[str, bytes], delay: float = 0.0) -> None:
+        import http.server
+        import threading
+        self.requests: Dict[str, int] = {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests[self.path] = server.requests.get(self.path, 0) + 1
+                body = files.get(self.path)
+                time.sleep(delay)
+                self.send_response(200 if body is not None else 404)
+                self.send_header('Content-Length', str(len(body or b'')))
+                self.end_headers()
+                self.wfile.write(body or b'')
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f'http://127.0.0.1:{self._httpd.server_port}{path}'
+
+    def __enter__(self) -> 'FileServer':
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def closed_port_url(path: str = '/') -> str:
+    """A 127.0.0.1 URL where nothing listens: a connection is refused at once, as on a machine without a network."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    return f'http://127.0.0.1:{port}{path}'
+
+
+def manifest_copy(path: Path, changes: Dict[str, Dict[str, Any]]) -> Path:
+    """A copy of zoo's weights manifest at ``path`` with some tags' fields replaced:
+    ``manifest_copy(p, {'od_resnet18.in1k': {'source.url': URL, 'mirror.published': True}})``."""
+    import yaml
+    from zoo.models import MANIFEST_PATH
+    manifest = yaml.safe_load(MANIFEST_PATH.read_text())
+    for tag, fields in changes.items():
+        entry = manifest['tags'][tag]
+        for dotted, value in fields.items():
+            field, key = dotted.split('.')
+            entry[field] = dict(entry[field], **{key: value})
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return path

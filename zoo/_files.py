@@ -1,10 +1,12 @@
-"""Writing a file so that nobody ever sees half of it: into a temporary file beside it, then renamed into place."""
+"""Files: written so that nobody ever sees half of one (a temporary file beside it, then renamed into place), and
+their sha256."""
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ['atomic_write', 'current_umask']
+__all__ = ['atomic_write', 'current_umask', 'file_sha256']
 
 
 def current_umask() -> int:
@@ -26,3 +28,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()

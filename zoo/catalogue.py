@@ -29,8 +29,7 @@ def summarize_models(pattern: str = '*') -> List[ModelSummary]:
     summaries = []
     for family in FAMILY_MODULES:
         for name in timm.list_models(pattern, module=family):
-            tags = tuple((tag, weights_location(entry)) for tag, entry in manifest.items()
-                         if tag.split('.')[0] == name)
+            tags = tuple((tag, weights_location(tag)) for tag in manifest if tag.split('.')[0] == name)
             model = timm.create_model(name, device='meta')  # shapes only: no memory, no initialisation cost
             summaries.append(ModelSummary(name, family, _params_m(model), tags))
     return summaries

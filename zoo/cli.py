@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   zoo info efficientmod_s.in1k                       architecture, preprocessing, feature maps, manifest entry
   zoo convert van_b0 van_tiny_754.pth.tar --out van_b0-in1k --verify
   zoo publish van_b0-in1k --repo-id me/van_b0.in1k --dry-run
+  zoo mirror --download-to originals/ --out mirror/ --dry-run      (maintainers)
   zoo predict hf-hub:me/van_b0.in1k cat.jpg --top-k 3
 """
 
@@ -53,7 +54,7 @@ def _info(args: argparse.Namespace) -> int:
     if entry:
         from zoo.models import weights_location
         accuracy = f"top-1 {entry['top1']} (reported)" if entry['top1'] is not None else 'no reported top-1'
-        print(f"weights: {weights_location(entry)}; {accuracy}; license {entry['license']}")
+        print(f"weights: {weights_location(info['model'] + '.' + cfg['tag'])}; {accuracy}; license {entry['license']}")
         if entry.get('note'):
             print(f"note: {entry['note']}")
     else:
@@ -97,6 +98,18 @@ def _publish(args: argparse.Namespace) -> int:
             print(f'  {name}  {size / 1e6:.2f} MB')
     else:
         print(f'uploaded {args.folder} to {url}')
+    return 0
+
+
+def _mirror(args: argparse.Namespace) -> int:
+    from zoo.mirror import mirror_tags
+    for done in mirror_tags(args.tags, args.out, originals=args.originals, download_to=args.download_to,
+                            dry_run=args.dry_run, manifest=args.manifest):
+        sha = f'sha256 {done.sha256[:12]}... ({"recorded" if done.recorded else "as recorded"})'
+        action = {'published': f'published to {done.repo_id}', 'unchanged': f'{done.repo_id} has it already',
+                  'dry run': f'would publish to {done.repo_id}'}[done.status]
+        print(f'{done.tag}: {done.original.name}, {done.size / 1e6:.1f} MB, {sha}; reloads exactly from '
+              f'{done.folder}; {action}')
     return 0
 
 
@@ -251,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                   'Export a model (a tag, hf-hub:/local-dir: folder, or a checkpoint file zoo reads) with PyTorch\'s '
                   'exporter, check the file with onnx\'s checker and compare onnxruntime\'s outputs with PyTorch\'s '
                   '(max abs <= 1e-4, at another batch size than exported with a free batch) before it is moved into '
-                  'place. Needs pip install "zoo[onnx]".',
+                  'place. Needs pip install "zoo-timm[onnx]".',
                   '  zoo export van_b0 --out van_b0.onnx --reparam\n'
                   '  zoo export local-dir:runs/van_b0-digits/best --out digits.onnx\n'
                   '  zoo export od_resnet18 --checkpoint od_resnet18.pth.tar --out od_resnet18.onnx --img-size 256\n')
@@ -293,14 +306,35 @@ def build_parser() -> argparse.ArgumentParser:
                                            'one name per line (written to config.json and the model card)')
 
     sub = command('publish', _publish, 'upload a converted folder to the Hugging Face Hub',
-                  'Validate a folder written by `zoo convert` and upload it to a Hub model repo (created if needed; '
-                  'log in first with `hf auth login` or HF_TOKEN).',
+                  'Validate a Hub folder written by zoo (`zoo convert`, `zoo finetune`\'s best/ and last/, '
+                  '`zoo mirror`; any timm architecture, plug-and-play models and architecture overrides included: '
+                  'config.json\'s architecture and model_args are rebuilt on the meta device and the weights\' names '
+                  'and shapes checked against them) and upload it to a Hub model repo (created if needed; log in '
+                  'first with `hf auth login` or HF_TOKEN).',
                   '  zoo publish van_b0-in1k --repo-id me/van_b0.in1k --dry-run\n'
                   '  zoo publish van_b0-in1k --repo-id me/van_b0.in1k --private\n')
-    sub.add_argument('folder', help='folder written by `zoo convert`')
+    sub.add_argument('folder', help='Hub folder written by zoo (convert, finetune, mirror)')
     sub.add_argument('--repo-id', required=True, help='ORG/NAME of the Hub repo')
     sub.add_argument('--private', action='store_true', help='create the repo private')
     sub.add_argument('--dry-run', action='store_true', help='validate and show what would be uploaded')
+
+    sub = command('mirror', _mirror, 'maintainers: mirror the official weights to the project\'s Hub organisation',
+                  'For each official tag: take the authors\' file (from --from DIR/MODEL.TAG/, or downloaded into '
+                  '--download-to DIR with huggingface_hub or gdown), check its sha256 and size against the manifest '
+                  '(recorded there where unknown), convert it, write a Hub folder (OUT/MODEL.TAG), check that the '
+                  'folder reloads to the same logits, and publish it to HUB_ORG/MODEL.TAG unless the manifest records '
+                  'that content as published; publishing marks the tag published in the manifest.',
+                  '  zoo mirror --download-to originals/ --out mirror/ --dry-run\n'
+                  '  zoo mirror od_resnet18.in1k --from originals/ --out mirror/\n')
+    sub.add_argument('tags', nargs='*', metavar='MODEL.TAG', help='tags to mirror (default: every official tag)')
+    sub.add_argument('--out', required=True, type=Path, help='folder for the Hub folders, one per tag')
+    source = sub.add_mutually_exclusive_group(required=True)
+    source.add_argument('--from', dest='originals', type=Path, metavar='DIR',
+                        help='the authors\' files, one folder per tag: DIR/MODEL.TAG/FILE')
+    source.add_argument('--download-to', type=Path, metavar='DIR', help='download the authors\' files into DIR first')
+    sub.add_argument('--dry-run', action='store_true', help='everything but the upload (no network with --from)')
+    sub.add_argument('--manifest', type=Path, default=None, help='weights manifest to check and record in '
+                                                                 '(default: the package\'s weights_manifest.yaml)')
 
     sub = command('predict', _predict, 'top-k classes of images',
                   'Classify image files with a model and its own preprocessing; ImageNet class names for '

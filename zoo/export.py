@@ -1,6 +1,6 @@
 """Deployment: a model (a tag, a Hub or local folder, or any checkpoint zoo reads) as an ONNX file, exported with
 PyTorch's exporter, checked with onnx's checker and compared with PyTorch through onnxruntime before the file is moved
-into place. The onnx extra (``pip install "zoo[onnx]"``) provides onnx, onnxscript and onnxruntime."""
+into place. The onnx extra (``pip install "zoo-timm[onnx]"``) provides onnx, onnxscript and onnxruntime."""
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -36,7 +36,7 @@ def _onnx_modules():
         import onnx
         import onnxruntime
     except ImportError as e:
-        raise ExportError('ONNX export needs onnx, onnxscript and onnxruntime: pip install "zoo[onnx]"') from e
+        raise ExportError('ONNX export needs onnx, onnxscript and onnxruntime: pip install "zoo-timm[onnx]"') from e
     return onnx, onnxruntime
 
 

@@ -6,7 +6,6 @@ pretrained cfg with the real preprocessing, plus a ``zoo`` record of the source 
 ``timm.create_model('local-dir:DIR', pretrained=True)`` or, once published, ``'hf-hub:ORG/NAME'``.
 """
 import copy
-import hashlib
 import json
 import re
 import shutil
@@ -22,8 +21,9 @@ from timm.models import save_for_hf
 from torch import nn
 
 import zoo
-from zoo._files import current_umask
-from zoo.models import list_zoo_models, load_manifest, weights_location
+from zoo._files import current_umask, file_sha256
+from zoo.convert import CheckpointMismatchError, check_state_dict
+from zoo.models import load_manifest, origin_source
 
 __all__ = [
     'HubFolderError', 'check_output_folder', 'export_hub_folder', 'file_sha256', 'publish_hub_folder',
@@ -37,15 +37,6 @@ _REPO_PLACEHOLDER = 'ORG/NAME'
 
 class HubFolderError(ValueError):
     """A Hub folder that cannot be written, or that is not a valid zoo export."""
-
-
-def file_sha256(path: PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: Optional[Dict[str, Any]],
@@ -69,7 +60,7 @@ def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: O
         f'# {title}',
         '',
         f'{type(model).__name__} for image classification ({model.num_classes} classes), in timm\'s format, {made} '
-        f'with zoo {zoo.__version__}, the package that registers this architecture with timm (`pip install zoo`).',
+        f'with zoo {zoo.__version__}, the package that registers this architecture with timm (`pip install zoo-timm`).',
         '',
     ]
     if finetuned:
@@ -85,9 +76,9 @@ def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: O
     lines.append(f'- License: {license_id}' + (' (the original repository names none: ask its authors before '
                                                 'redistributing)' if license_id == 'unknown' else ''))
     if published:
-        lines.append(f'- Reported ImageNet-1k top-1: {published["top1"]} (authors; weights from '
-                     f'{weights_location(published)})' if published['top1'] is not None else
-                     f'- Weights from {weights_location(published)}: {published["note"]}')
+        origin = origin_source(f'{cfg["architecture"]}.{cfg["tag"]}').describe()
+        lines.append(f'- Reported ImageNet-1k top-1: {published["top1"]} (authors; the authors\' weights from '
+                     f'{origin})' if published['top1'] is not None else f'- Weights from {origin}: {published["note"]}')
     if source:
         lines.append(f'- Converted from `{source["file"]}` (sha256 `{source["sha256"]}`, '
                      f'{"EMA" if source["ema"] else "plain"} weights)' +
@@ -113,7 +104,16 @@ def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: O
     ]
     if finetuned:
         lines += _recipe_lines(finetuned['recipe'])
+    citation = _citation(cfg.get('paper_name'))
+    if citation:
+        lines += ['', '## Citation', '', '```bibtex', citation, '```']
     return '\n'.join(lines) + '\n'
+
+
+def _citation(paper_name: Optional[str]) -> Optional[str]:
+    """The BibTeX entry the manifest gives for a paper."""
+    return next((entry['paper']['citation'] for entry in load_manifest().values()
+                 if entry['paper']['name'] == paper_name and entry['paper'].get('citation')), None)
 
 
 
@@ -264,7 +264,7 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
         if not published and f'{cfg.get("architecture")}.{cfg.get("tag")}' in load_manifest():
             model_config['pretrained_cfg'] = {'tag': 'finetuned'}  # not the weights the tag names
         save_for_hf(model, str(tmp), model_config=model_config or None, data_config=data_config,
-                    safe_serialization=True)
+                    model_args=getattr(model, 'replaced_convs_args', None), safe_serialization=True)
         config = json.loads((tmp / 'config.json').read_text())
         config.get('model_args', {}).pop('pretrained_use_ema', None)  # which weights were read, not architecture
         config['zoo'] = {'version': zoo.__version__, **({'source': record} if record else {})}
@@ -281,38 +281,56 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
     return report
 
 
-def validate_hub_folder(folder: PathLike) -> List[Tuple[str, int]]:
-    """Check that ``folder`` is a loadable zoo export; returns its files as (name, bytes).
+def _read_hub_config(folder: Path) -> Tuple[str, int, Dict[str, Any]]:
+    """config.json's architecture, num_classes and model_args."""
+    path = folder / 'config.json'
+    try:
+        config = json.loads(path.read_text())
+        architecture, num_classes = config['architecture'], config.get('num_classes', 1000)
+        model_args = config.get('model_args') or {}
+    except (ValueError, KeyError, TypeError) as e:
+        raise HubFolderError(f'{path} is not a timm model config ({type(e).__name__}: {e})') from e
+    if not isinstance(architecture, str) or not isinstance(num_classes, int) or not isinstance(model_args, dict):
+        raise HubFolderError(f'{path}: architecture must be a name, num_classes a number and model_args a mapping')
+    if not timm.is_model(architecture):
+        raise HubFolderError(f'{path}: {architecture!r} is not a timm model (zoo\'s included): is the package that '
+                             f'registers it installed and imported?')
+    return architecture, num_classes, model_args
 
-    Reads config.json, builds its architecture on the meta device and checks every tensor of model.safetensors
-    against it (names and shapes), without loading the weights.
+
+def _shapes_only_model(folder: Path) -> nn.Module:
+    """The model config.json describes (its architecture with its model_args), built on the meta device."""
+    architecture, num_classes, model_args = _read_hub_config(folder)
+    try:
+        return timm.create_model(architecture, device='meta', **dict(model_args, num_classes=num_classes))
+    except Exception as e:  # any argument the architecture refuses, with the architecture's own error
+        raise HubFolderError(f'{folder / "config.json"}: {architecture} cannot be built with its model_args '
+                             f'{model_args} ({type(e).__name__}: {" ".join(str(e).split())})') from e
+
+
+def validate_hub_folder(folder: PathLike) -> List[Tuple[str, int]]:
+    """Check that ``folder`` is a loadable timm Hub folder; returns its files as (name, bytes).
+
+    Builds config.json's architecture with its ``model_args`` on the meta device and checks the names and shapes of
+    model.safetensors against it with the conversion layer's state-dict check, without reading the weights. Any
+    timm architecture passes: zoo's, timm's own, a ``replaced_convs`` plug-and-play model, architecture overrides.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise HubFolderError(f'{folder}: no such folder')
     missing = [name for name in _FOLDER_FILES if not (folder / name).is_file()]
     if missing:
-        raise HubFolderError(f'{folder} lacks {", ".join(missing)}: write it with `zoo convert`')
-    try:
-        config = json.loads((folder / 'config.json').read_text())
-        architecture, num_classes = config['architecture'], config.get('num_classes', 1000)
-    except (ValueError, KeyError, TypeError) as e:
-        raise HubFolderError(f'{folder / "config.json"} is not a timm model config ({e})') from e
-    if not isinstance(architecture, str) or not isinstance(num_classes, int):
-        raise HubFolderError(f'{folder / "config.json"}: architecture must be a name and num_classes a number')
-    if architecture not in list_zoo_models():
-        raise HubFolderError(f'{folder / "config.json"}: {architecture!r} is not a zoo model')
-    model = timm.create_model(architecture, num_classes=num_classes, device='meta')
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        raise HubFolderError(f'{folder} lacks {", ".join(missing)}: write it with `zoo convert` or `zoo finetune`')
+    model = _shapes_only_model(folder)
     try:
         with safe_open(str(folder / 'model.safetensors'), 'pt') as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            weights = {k: torch.empty(f.get_slice(k).get_shape(), device='meta') for k in f.keys()}
     except Exception as e:  # safetensors reports every kind of damage with its own error
-        raise HubFolderError(f'{folder / "model.safetensors"} is damaged ({e})') from e
-    if found != expected:
-        differing = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
-        raise HubFolderError(f'{folder / "model.safetensors"} does not fit {architecture} with {num_classes} classes '
-                             f'(e.g. {", ".join(differing[:3])})')
+        raise HubFolderError(f'{folder / "model.safetensors"} is damaged ({" ".join(str(e).split())})') from e
+    try:
+        check_state_dict(weights, model, 'safetensors', adapt=False)
+    except CheckpointMismatchError as e:
+        raise HubFolderError(f'{folder / "model.safetensors"} does not fit its config.json ({e})') from e
     return [(p.name, p.stat().st_size) for p in sorted(folder.iterdir()) if p.is_file()]
 
 

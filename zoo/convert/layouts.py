@@ -159,15 +159,16 @@ def _fits(checkpoint_shape: torch.Size, model_shape: torch.Size, first_conv: boo
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, layout: str,
-                     describe: Optional[Describe] = None) -> None:
+                     describe: Optional[Describe] = None, adapt: bool = True) -> None:
     """Raise :class:`CheckpointMismatchError` unless every key and shape fits ``model``.
 
-    As timm adapts them on load, the classifier may have any shape, be absent, or be present for a model built
-    without one, and the first conv may have other input channels. ``describe(state_dict)`` summarises a checkpoint
-    or model (e.g. 'kernel_num 4') for the error, which then names both sides.
+    With ``adapt``, as timm adapts them on load, the classifier may have any shape, be absent, or be present for a
+    model built without one, and the first conv may have other input channels; without it, every key and shape must
+    be the model's (a Hub folder's weights and its config). ``describe(state_dict)`` summarises a checkpoint or model
+    (e.g. 'kernel_num 4') for the error, which then names both sides.
     """
     target = model.state_dict()
-    classifier, first_conv = classifier_keys(model), first_conv_keys(model)
+    classifier, first_conv = (classifier_keys(model), first_conv_keys(model)) if adapt else (set(), set())
     missing = [k for k in target if k not in state_dict and k not in classifier]
     unexpected = [k for k in state_dict if k not in target and k not in classifier]
     mismatched = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in state_dict.items()

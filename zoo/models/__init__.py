@@ -5,7 +5,9 @@ from typing import List, Optional, Sequence, Tuple
 import timm
 
 from ._builder import create_model_from_checkpoint
-from ._manifest import load_manifest, weights_location
+from ._manifest import MANIFEST_PATH, WeightsSource, hub_org, load_manifest, mirror_repo, origin_source, \
+    update_manifest, weights_location, weights_sources
+from ._pretrained import PretrainedWeightsError, pick_checkpoint, pretrained_weights_file
 from .efficientmod import EfficientMod
 from .odconv_mobilenetv2 import ODMobileNetV2
 from .odconv_resnet import ODResNet
@@ -17,7 +19,8 @@ __all__ = [
     'FAMILY_MODULES', 'OPS', 'EfficientMod', 'ODMobileNetV2', 'ODResNet', 'ReplaceReport', 'VAN', 'XVolutionResNet',
     'replace_convs',
     'check_timm_model_name', 'create_model_from_checkpoint', 'list_zoo_models', 'load_manifest', 'resolve_model_name',
-    'weights_location',
+    'MANIFEST_PATH', 'PretrainedWeightsError', 'WeightsSource', 'hub_org', 'mirror_repo', 'origin_source', 'pick_checkpoint',
+    'pretrained_weights_file', 'update_manifest', 'weights_location', 'weights_sources',
 ]
 
 # timm records a model's module as the last component of its Python module name

@@ -15,7 +15,8 @@ from torch import nn
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 
 from zoo.convert import CheckpointLayouts, read_state_dict
-from ._manifest import load_manifest
+from ._manifest import load_manifest, weights_cfg_fields
+from ._pretrained import pretrained_weights_file
 
 __all__ = ['build_zoo_model', 'create_model_from_checkpoint']
 
@@ -25,22 +26,28 @@ ModelT = TypeVar('ModelT', bound=nn.Module)
 _WEIGHT_SOURCES = ('file', 'state_dict', 'url', 'hf_hub_id')
 
 
-def _check_weights_reachable(variant: str, cfg: PretrainedCfg) -> None:
-    """Where no weights source is set, say where the weights are published and how to load them."""
+def _check_weights_exist(variant: str, cfg: PretrainedCfg) -> None:
+    """Where no weights source is set, say so and how to load weights of one's own."""
     if any(getattr(cfg, key, None) for key in _WEIGHT_SOURCES):
         return
     tag = f'{variant}.{cfg.tag}' if cfg.tag else variant
-    entry = load_manifest().get(tag)
-    if entry is None:
-        notes = f' ({"; ".join(cfg.notes)})' if cfg.notes else ''
-        raise RuntimeError(
-            f'{tag} has no pretrained weights{notes}: create it with pretrained=False, or load your own with '
-            f'pretrained_cfg_overlay=dict(file=PATH) or timm.create_model("hf-hub:ORG/NAME", pretrained=True)')
-    url = entry['source']['url']
-    what = 'the checkpoint of this model from that folder' if '/folders/' in url else 'the file'
+    notes = f' ({"; ".join(cfg.notes)})' if cfg.notes else ''
     raise RuntimeError(
-        f'{tag} weights are not on the Hugging Face Hub; they are published at {url}. Download {what}, then load it '
-        f'with timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)).')
+        f'{tag} has no pretrained weights{notes}: create it with pretrained=False, or load your own with '
+        f'pretrained_cfg_overlay=dict(file=PATH) or timm.create_model("hf-hub:ORG/NAME", pretrained=True)')
+
+
+def _manifest_weights_file(variant: str, cfg: PretrainedCfg, cache_dir: Optional[str]) -> Optional[str]:
+    """The local file of a manifest tag's weights where ``cfg`` asks for them as registered (not for a file, state
+    dict, ``hf-hub:`` / ``local-dir:`` folder or other source a user gave), downloaded from the first source that
+    gives them (zoo.models._pretrained)."""
+    tag = f'{variant}.{cfg.tag}'
+    if tag not in load_manifest() or cfg.file or cfg.state_dict or cfg.source in ('hf-hub', 'local-dir'):
+        return None
+    asked = {key: getattr(cfg, key) for key in ('hf_hub_id', 'hf_hub_filename', 'url') if getattr(cfg, key)}
+    if asked != weights_cfg_fields(tag):
+        return None
+    return str(pretrained_weights_file(tag, cache_dir=cache_dir))
 
 
 def _is_file_source(cfg: PretrainedCfg) -> bool:
@@ -92,18 +99,22 @@ def build_zoo_model(
             ``pretrained_use_ema`` (take a training checkpoint file's EMA weights rather than its ``state_dict``).
 
     A ``file=`` checkpoint is read here, safely; its classifier is kept where it has the asked-for number of
-    classes (by default, its own) and replaced, with a warning, where it has another. Weights that are published
-    only outside the Hub get an error that says where they are and how to load them.
+    classes (by default, its own) and replaced, with a warning, where it has another. A manifest tag's registered
+    weights are downloaded from the first source that gives them (the mirror, the authors' Hub repo, the authors'
+    download: ``zoo.models._pretrained``) and read as such a file.
     """
     use_ema = kwargs.pop('pretrained_use_ema', False)
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
                                  pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
-    reads_file = pretrained and _is_file_source(cfg)
-    if use_ema and not reads_file:
+    if use_ema and not (pretrained and _is_file_source(cfg)):
         raise ValueError(f'{variant}: pretrained_use_ema=True selects the EMA weights of a checkpoint file: pass '
                          f'pretrained=True, pretrained_cfg_overlay=dict(file=PATH)')
     if pretrained:
-        _check_weights_reachable(variant, cfg)
+        _check_weights_exist(variant, cfg)
+        file = _manifest_weights_file(variant, cfg, kwargs.get('cache_dir'))
+        if file is not None:
+            cfg = dataclasses.replace(cfg, file=file)
+    reads_file = pretrained and _is_file_source(cfg)
     if reads_file:
         file = cfg.file
         cfg = _with_file_weights(cfg, checkpoint_layouts, use_ema)

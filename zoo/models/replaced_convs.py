@@ -254,13 +254,18 @@ def replace_convs(
     return model, report
 
 
+# model arguments timm records from the model itself on export (get_model_args), not the base's architecture
+_CURRENT_TRAITS = ('num_classes', 'in_chans', 'global_pool', 'img_size')
+
+
 def _remember(model: nn.Module, replacement: Dict[str, Any]) -> None:
-    """Record on a timm model what was replaced, so its exports name the ``replaced_convs`` architecture."""
+    """Record on a timm model what was replaced, so its exports name the ``replaced_convs`` architecture with the
+    arguments that rebuild it (``replaced_convs_args``, which zoo's export hands to timm's ``save_for_hf``)."""
     cfg = getattr(model, 'pretrained_cfg', None)
     if not cfg or not timm.is_model(cfg.get('architecture', '')) or cfg['architecture'] == 'replaced_convs':
         return
-    base_args = {k: v for k, v in getattr(model, '_model_args', {}).items() if k not in ('num_classes', 'in_chans')}
-    model._model_args = dict(base=cfg['architecture'], base_args=base_args, **replacement)
+    base_args = {k: v for k, v in timm.models.get_model_args(model).items() if k not in _CURRENT_TRAITS}
+    model.replaced_convs_args = dict(base=cfg['architecture'], base_args=base_args, **replacement)
     model.pretrained_cfg = dict(cfg, architecture='replaced_convs', tag=None)
 
 
