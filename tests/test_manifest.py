@@ -41,6 +41,13 @@ def test_van_uses_its_training_preprocessing_not_the_transformers_config():
 
 def test_an_incomplete_entry_is_rejected_with_its_name(tmp_path):
     path = tmp_path / 'manifest.yaml'
-    path.write_text('van_b0.in1k:\n  family: van\n  params_m: 4.106\n')
+    path.write_text('hub_org: someone\ntags:\n  van_b0.in1k:\n    family: van\n    params_m: 4.106\n')
     with pytest.raises(ValueError, match=r"entry 'van_b0\.in1k' lacks top1, license, .*preprocessing\.input_size"):
+        load_manifest(path)
+
+
+def test_a_manifest_without_its_hub_org_is_rejected(tmp_path):
+    path = tmp_path / 'manifest.yaml'
+    path.write_text('van_b0.in1k:\n  family: van\n')
+    with pytest.raises(ValueError, match='hub_org name and a tags mapping'):
         load_manifest(path)

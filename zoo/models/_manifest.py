@@ -8,6 +8,7 @@ reported accuracy. Model files build their ``default_cfgs`` from it with :func:`
 mirror, or for a maintainer trying a mirror before the manifest that marks it published is released.
 """
 import functools
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -161,7 +162,7 @@ def update_manifest(path: Path, tag: str, field: str, **values: Any) -> None:
     if row is None:
         raise ValueError(f'{path}: entry {tag!r} has no one-line {field} mapping')
     for key, value in values.items():
-        text = 'null' if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        text = json.dumps(value)  # null, true / false, numbers and quoted strings read back as themselves in YAML
         lines[row], count = re.subn(rf'\b{key}: [^,}}]+', f'{key}: {text}', lines[row])
         if count != 1:
             raise ValueError(f'{path}: entry {tag!r}: {field} has no {key}')

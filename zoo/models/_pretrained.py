@@ -184,7 +184,11 @@ def pretrained_weights_file(tag: str, cache_dir: Optional[PathLike] = None, mani
         where = ', '.join(source.describe() for source in sources)
         raise _failure(tag, [f'offline (HF_HUB_OFFLINE) and not in the cache {_hub_cache(cache_dir)}: {where}'])
     failures: List[str] = []
-    with _lock(tag, cache_dir):  # one process downloads, the others wait and find the file cached
+    try:
+        lock = _lock(tag, cache_dir)
+    except OSError as e:
+        raise _failure(tag, [f'cannot write the cache folder {_hub_cache(cache_dir)} ({e.strerror or e})']) from e
+    with lock:  # one process downloads, the others wait and find the file cached
         for source in sources:
             path = _cached(source, tag, cache_dir)
             if path is not None:

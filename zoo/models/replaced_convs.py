@@ -290,8 +290,11 @@ def replaced_convs(pretrained: bool = False, base: str = 'resnet50', base_args: 
         replace_convs(model, op, include=include, exclude=exclude, kernel_sizes=kernel_sizes, kernel_num=kernel_num,
                       reduction=reduction, seed=seed, count_macs=False)  # the report is not kept
         return model
-    # the base's preprocessing, under this architecture's name, so that exports rebuild the replaced model
-    cfg = kwargs.pop('pretrained_cfg', None) or dict(
-        copy.deepcopy(timm.models.get_pretrained_cfg(base).to_dict()), architecture='replaced_convs', tag=None)
+    # the base's cfg (preprocessing, pool size, first conv, classifier) under this architecture's name, so that
+    # exports rebuild the replaced model; a folder's own cfg is kept, a tag ('untrained') names no cfg of a base
+    cfg = kwargs.pop('pretrained_cfg', None)
+    if cfg is None or isinstance(cfg, str):
+        cfg = dict(copy.deepcopy(timm.models.get_pretrained_cfg(base).to_dict()), architecture='replaced_convs',
+                   tag=None)
     return build_model_with_cfg(build, 'replaced_convs', pretrained, pretrained_cfg=cfg,
                                 feature_cfg=dict(feature_cls='getter'), **kwargs)
