@@ -10,7 +10,7 @@ import timm
 import torch
 
 import zoo.finetune.trainer as trainer
-from zoo.finetune import RunFolderError, finetune, resolve_recipe
+from zoo.finetune import RunFolder, RunFolderError, finetune, resolve_recipe
 from zoo.layers import ODConv2d, odconv_temperature
 from zoo.models import create_model_from_checkpoint
 from helpers import RunsCodeWhenUnpickled, run_zoo_here, write_image_folder
@@ -73,16 +73,16 @@ def test_patience_stops_a_run_that_no_longer_improves(tmp_path, data):
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path, data, monkeypatch):
     whole = _run(tmp_path / 'whole', data, mixup=0.2, ema_decay=0.9)
 
-    end_epoch = trainer._Run.end_epoch
+    save_state = RunFolder.save_state
 
-    def interrupted_after_two_epochs(run, epoch, *args):
-        end_epoch(run, epoch, *args)
-        if epoch == 1:
+    def interrupted_after_two_epochs(folder, state):
+        save_state(folder, state)
+        if state['epoch'] == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(trainer._Run, 'end_epoch', interrupted_after_two_epochs)
+    monkeypatch.setattr(RunFolder, 'save_state', interrupted_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / 'cut', data, mixup=0.2, ema_decay=0.9)
-    monkeypatch.setattr(trainer._Run, 'end_epoch', end_epoch)
+    monkeypatch.setattr(RunFolder, 'save_state', save_state)
     folder = tmp_path / 'cut' / 'run'
     assert len(_metrics(folder)) == 2
     assert run_zoo_here('finetune', '--resume', folder).returncode == 0
