@@ -11,7 +11,7 @@ from typing import List, Tuple
 import torch
 
 import zoo  # noqa: F401  (registers the zoo models)
-from bench import calibrated_model
+from benchlib import calibrated_model
 
 MODELS = ['van_b0', 'od_resnet18', 'od_mobilenetv2_050_4x', 'efficientmod_xxs', 'xvolution_resnet34',
           'xvolution_sa_resnet34']

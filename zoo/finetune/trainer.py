@@ -158,7 +158,8 @@ def _drops_last(per_process: int, batch_size: int) -> bool:
 def updates_per_epoch(images: int, batch_size: int, accumulate: int, world_size: int = 1) -> int:
     """Optimizer steps in an epoch of ``images`` training images shared by ``world_size`` processes."""
     per_process = math.ceil(images / world_size)  # DistributedSampler pads every share to the same length
-    batches = per_process // batch_size if _drops_last(per_process, batch_size) else math.ceil(per_process / batch_size)
+    drop_last = _drops_last(per_process, batch_size)
+    batches = per_process // batch_size if drop_last else math.ceil(per_process / batch_size)
     return math.ceil(batches / accumulate)
 
 
@@ -270,7 +271,8 @@ def _step(state: TrainingState, recipe: Recipe, num_updates: int) -> None:
 
 def train_one_epoch(state: TrainingState, train_model: nn.Module, loader: DataLoader, recipe: Recipe,
                     processes: Processes, mixup: Optional[Mixup] = None, amp_dtype: Optional[torch.dtype] = None,
-                    temperature: Optional[Callable[[float], float]] = None, show_every: int = 20) -> Tuple[float, float]:
+                    temperature: Optional[Callable[[float], float]] = None,
+                    show_every: int = 20) -> Tuple[float, float]:
     """Train ``state.model`` through ``train_model`` (itself, or its DDP / compiled wrapper) for epoch
     ``state.epoch`` on ``loader``.
 
