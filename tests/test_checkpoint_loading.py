@@ -10,7 +10,7 @@ import torch
 
 from zoo.convert import CheckpointError, CheckpointMismatchError, ODCONV_RESNET_LAYOUTS, unwrap_state_dict
 from zoo.models import create_model_from_checkpoint
-from helpers import assert_logits_close, efficientmod_training_checkpoint, perturbed, van_training_checkpoint
+from tests.helpers import assert_logits_close, efficientmod_training_checkpoint, perturbed, van_training_checkpoint
 
 
 @pytest.fixture(scope='module')

@@ -10,7 +10,7 @@ import timm
 import torch
 
 from zoo.export import ExportError, export_onnx
-from helpers import calibrated_xvolution, load_reference, relative_error, run_zoo_here
+from tests.helpers import calibrated_xvolution, load_reference, relative_error, run_zoo_here
 
 FIXTURE_MODELS = ['van_b0', 'od_resnet18', 'od_mobilenetv2_050_4x', 'efficientmod_xxs']
 

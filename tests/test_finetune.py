@@ -13,7 +13,7 @@ import zoo.finetune.trainer as trainer
 from zoo.finetune import RunFolder, RunFolderError, finetune, resolve_recipe
 from zoo.layers import ODConv2d, odconv_temperature
 from zoo.models import create_model_from_checkpoint
-from helpers import RunsCodeWhenUnpickled, run_zoo_here, write_image_folder
+from tests.helpers import RunsCodeWhenUnpickled, run_zoo_here, write_image_folder
 
 QUICK = dict(pretrained=False, img_size=32, batch_size=8, workers=0, epochs=3, lr=2e-3, warmup_epochs=0, hflip=0.0,
              scale=(0.7, 1.0))

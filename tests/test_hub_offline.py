@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from helpers import (as_transformers_layout, lay_out_hub_cache, official_state_dict_keys, run_python_offline,
+from tests.helpers import (as_transformers_layout, lay_out_hub_cache, official_state_dict_keys, run_python_offline,
                      torch_bytes, van_training_checkpoint)
 
 def test_inverse_table_yields_the_published_transformers_keys():

@@ -10,7 +10,7 @@ from PIL import Image
 
 from zoo.cli import main
 from zoo.hub import export_hub_folder
-from helpers import (RunsCodeWhenUnpickled, efficientmod_training_checkpoint, lay_out_hub_cache, load_reference,
+from tests.helpers import (RunsCodeWhenUnpickled, efficientmod_training_checkpoint, lay_out_hub_cache, load_reference,
                      odconv_training_checkpoint, run_python_offline, run_zoo, run_zoo_here, van_training_checkpoint)
 
 

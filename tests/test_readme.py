@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from zoo.hub import export_hub_folder
-from helpers import (as_transformers_layout, efficientmod_training_checkpoint, lay_out_hub_cache, load_reference,
+from tests.helpers import (as_transformers_layout, efficientmod_training_checkpoint, lay_out_hub_cache, load_reference,
                      odconv_training_checkpoint, perturbed, run_python_offline, torch_bytes, van_training_checkpoint)
 
 README = Path(__file__).parent.parent / 'README.md'

@@ -13,7 +13,7 @@ from torch import nn
 import zoo
 from zoo.hub import export_hub_folder
 from zoo.layers import ODConv2d, XVolution2d
-from helpers import lay_out_hub_cache, relative_error, run_python_offline
+from tests.helpers import lay_out_hub_cache, relative_error, run_python_offline
 
 
 def _calibrated(model: nn.Module, size: int = 96) -> nn.Module:

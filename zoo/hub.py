@@ -23,6 +23,7 @@ from torch import nn
 
 import zoo
 from zoo._files import current_umask
+from zoo.errors import ZooError
 from zoo.models import list_zoo_models, load_manifest, weights_location
 
 __all__ = [
@@ -35,7 +36,7 @@ _FOLDER_FILES = ('config.json', 'model.safetensors', 'README.md')
 _REPO_PLACEHOLDER = 'ORG/NAME'
 
 
-class HubFolderError(ValueError):
+class HubFolderError(ZooError, ValueError):
     """A Hub folder that cannot be written, or that is not a valid zoo export."""
 
 

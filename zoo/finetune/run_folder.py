@@ -22,6 +22,7 @@ from torch import nn
 
 from zoo._files import atomic_write
 from zoo.convert import read_checkpoint
+from zoo.errors import ZooError
 from zoo.hub import export_hub_folder
 from .evaluate import Evaluation
 
@@ -31,7 +32,7 @@ METRIC_COLUMNS = ('epoch', 'train_loss', 'val_loss', 'val_top1', 'val_top5', 'lr
                   'seconds')
 
 
-class RunFolderError(ValueError):
+class RunFolderError(ZooError, ValueError):
     """A run folder that cannot be started, replaced or resumed."""
 
 

@@ -4,6 +4,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import timm
 
+from zoo.errors import ModelNameError
 from ._builder import create_model_from_checkpoint
 from ._manifest import load_manifest, weights_location
 from .efficientmod import EfficientMod
@@ -32,11 +33,11 @@ def list_zoo_models(pattern: str = '*') -> List[str]:
 _LOOKALIKES = str.maketrans({'o': '0', 'O': '0', 'l': '1', 'I': '1', '-': '_'})  # van_bo -> van_b0
 
 
-def _unknown_model(model: str, known: Sequence[str], where: str) -> ValueError:
+def _unknown_model(model: str, known: Sequence[str], where: str) -> ModelNameError:
     lookalike = model.translate(_LOOKALIKES)
     close = [lookalike] if lookalike in known else difflib.get_close_matches(model, known, n=3, cutoff=0.75)
     hint = f'did you mean {" or ".join(close)}? ' if close else ''
-    return ValueError(f'unknown model {model!r}: {hint}{where}')
+    return ModelNameError(f'unknown model {model!r}: {hint}{where}')
 
 
 def resolve_model_name(name: str) -> Tuple[str, Optional[str]]:
@@ -46,7 +47,7 @@ def resolve_model_name(name: str) -> Tuple[str, Optional[str]]:
         raise _unknown_model(model, list_zoo_models(), '`zoo list` shows the models zoo registers')
     if tag and name not in timm.list_models(model, include_tags=True):
         known = ', '.join(t.split('.', 1)[1] for t in timm.list_models(model, include_tags=True))
-        raise ValueError(f'unknown tag {tag!r} for {model}: it has {known}')
+        raise ModelNameError(f'unknown tag {tag!r} for {model}: it has {known}')
     return model, tag or None
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 
 from zoo.convert import CheckpointLayouts, read_state_dict
+from zoo.errors import UsageError, WeightsUnavailableError
 from ._manifest import load_manifest
 
 __all__ = ['build_zoo_model', 'create_model_from_checkpoint']
@@ -33,12 +34,12 @@ def _check_weights_reachable(variant: str, cfg: PretrainedCfg) -> None:
     entry = load_manifest().get(tag)
     if entry is None:
         notes = f' ({"; ".join(cfg.notes)})' if cfg.notes else ''
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f'{tag} has no pretrained weights{notes}: create it with pretrained=False, or load your own with '
             f'pretrained_cfg_overlay=dict(file=PATH) or timm.create_model("hf-hub:ORG/NAME", pretrained=True)')
     url = entry['source']['url']
     what = 'the checkpoint of this model from that folder' if '/folders/' in url else 'the file'
-    raise RuntimeError(
+    raise WeightsUnavailableError(
         f'{tag} weights are not on the Hugging Face Hub; they are published at {url}. Download {what}, then load it '
         f'with timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)).')
 
@@ -100,7 +101,7 @@ def build_zoo_model(
                                  pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
     reads_file = pretrained and _is_file_source(cfg)
     if use_ema and not reads_file:
-        raise ValueError(f'{variant}: pretrained_use_ema=True selects the EMA weights of a checkpoint file: pass '
+        raise UsageError(f'{variant}: pretrained_use_ema=True selects the EMA weights of a checkpoint file: pass '
                          f'pretrained=True, pretrained_cfg_overlay=dict(file=PATH)')
     if pretrained:
         _check_weights_reachable(variant, cfg)
