@@ -114,8 +114,9 @@ def build_zoo_model(
         feature_cfg=feature_cfg, **kwargs)
     if reads_file:
         _forget_file_weights(model)
-    if not kwargs.get('features_only'):  # timm's load_checkpoint / checkpoint_path= convert the family's layouts too
-        model.register_load_state_dict_pre_hook(checkpoint_layouts.load_state_dict_pre_hook)
+    # conversion happens above only, in the pretrained filter: load_state_dict (and timm's checkpoint_path= or
+    # load_checkpoint, a resume) loads zoo's own keys and refuses another layout with a pointer to the filter's route
+    model.register_load_state_dict_pre_hook(checkpoint_layouts.refuse_foreign_layout)
     return model
 
 
