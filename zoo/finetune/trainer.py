@@ -8,9 +8,10 @@ mixed precision (``torch.autocast``, a GradScaler for float16), ``torch.compile`
 torchrun. ODConv models anneal their attention temperature (30 -> 1 over the first 10 epochs, per iteration) only when
 their ODConv layers start untrained; validation and exports always run at temperature 1, the inference one.
 
-Three kinds of object, one job each: :class:`TrainingState` is what a run has learned (model, optimizer, scheduler,
-scaler, EMA, epoch, best result, seed) and what ``--resume`` restores; :func:`train_one_epoch` and :func:`validate`
-are the loop; :class:`~zoo.finetune.run_folder.RunFolder` writes the outputs.
+One job per object: :class:`TrainingState` is what a run has learned (model, optimizer, scheduler, scaler, EMA, epoch,
+best result, seed) and what ``--resume`` restores; :func:`train_one_epoch` and :func:`validate` are the loop;
+:class:`~zoo.finetune.run_folder.RunFolder` writes the outputs; :func:`prepare_run` sets a :class:`Run` up (data,
+transforms, model, state) for them.
 
 Randomness: every epoch draws from RNGs seeded by (seed, epoch, rank) at its start (:func:`seed_epoch`), so a run
 resumed from the state saved at the end of an epoch continues exactly as the uninterrupted run would have, on every
@@ -50,8 +51,8 @@ from .evaluate import Evaluation, evaluate
 from .recipe import Recipe, RecipeError
 from .run_folder import ModelCard, RunFolder, RunFolderError
 
-__all__ = ['FinetuneResult', 'TrainingState', 'finetune', 'seed_epoch', 'train_one_epoch', 'train_loader',
-           'updates_per_epoch', 'validate']
+__all__ = ['FinetuneResult', 'Run', 'TrainingState', 'finetune', 'prepare_run', 'seed_epoch', 'train_loader',
+           'train_one_epoch', 'updates_per_epoch', 'validate']
 
 _logger = logging.getLogger(__name__)
 _AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -181,7 +182,7 @@ def _val_loader(dataset: Dataset, batch_size: int, workers: int, processes: Proc
     return DataLoader(shard, batch_size=batch_size, num_workers=workers)
 
 
-# model and state --------------------------------------------------------------------------------------------------------
+# model and state ------------------------------------------------------------------------------------------------------
 
 def _build_model(recipe: Recipe, num_classes: int) -> Tuple[nn.Module, bool, str]:
     """The model with a head for ``num_classes``, whether its ODConv layers (if any) start trained, and where its
@@ -249,7 +250,7 @@ def _loss_fn(recipe: Recipe, mixup: Optional[Mixup]) -> Callable[[torch.Tensor, 
     return partial(F.cross_entropy, label_smoothing=recipe.label_smoothing)
 
 
-# the loop ------------------------------------------------------------------------------------------------------------
+# the loop -------------------------------------------------------------------------------------------------------------
 
 def _step(state: TrainingState, recipe: Recipe, num_updates: int) -> None:
     """One optimizer step (after unscaling and clipping), then the EMA and the lr schedule follow."""
@@ -373,13 +374,35 @@ def finetune(recipe: Recipe, resume: Optional[Path] = None, force: bool = False)
         leave_processes(processes)
 
 
-def _run(recipe: Recipe, processes: Processes, folder: RunFolder, resuming: bool, force: bool) -> FinetuneResult:
-    """Set the run up (data, model, state, restored when ``resuming``), then train it epoch by epoch."""
+@dataclass
+class Run:
+    """A run set up by :func:`prepare_run`: its data, preprocessing, training state and what each step uses."""
+    recipe: Recipe
+    processes: Processes
+    split: FolderSplit
+    train_set: ImageFiles
+    val_set: ImageFiles
+    state: TrainingState
+    train_model: nn.Module  # the model, or its DDP / compiled wrapper
+    mixup: Optional[Mixup]
+    amp_dtype: Optional[torch.dtype]
+    temperature: Optional[Callable[[float], float]]  # the ODConv temperature by epoch, where it anneals
+    card: ModelCard
+
+    def train_loader(self) -> DataLoader:
+        """The training loader of the next epoch, its RNGs seeded for it (:func:`seed_epoch`)."""
+        recipe, epoch = self.recipe, self.state.epoch
+        generator = seed_epoch(recipe.seed, epoch, self.processes.rank)
+        return train_loader(self.train_set, recipe.batch_size, recipe.workers, self.processes, epoch, generator,
+                            recipe.seed)
+
+
+def prepare_run(recipe: Recipe, processes: Processes) -> Run:
+    """Read the data, build the model (seeded by ``recipe.seed``), its preprocessing and its training state."""
     data = Path(recipe.data) if recipe.data else digits_folder()
     split = read_image_folder(data, recipe.val_fraction, seed=recipe.seed, workers=recipe.workers)
     torch.manual_seed(recipe.seed)  # the initial weights
     model, loaded, start = _build_model(recipe, len(split.classes))
-    anneal = _anneals_temperature(recipe, model, loaded)
     model.to(processes.device)
     if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -392,42 +415,52 @@ def _run(recipe: Recipe, processes: Processes, folder: RunFolder, resuming: bool
     train_tf, val_tf = transforms_for(data_config, recipe.hflip, recipe.scale, recipe.randaugment)
     train_set, val_set = ImageFiles(split.train, train_tf), ImageFiles(split.val, val_tf)
     updates = updates_per_epoch(len(train_set), recipe.batch_size, recipe.accumulate, processes.world_size)
+    mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
+                  num_classes=len(split.classes)) if recipe.mixup > 0 or recipe.cutmix > 0 else None
+    temperature = partial(odconv_temperature, initial=recipe.temperature_initial, final=1.0,
+                          anneal_epochs=recipe.temperature_epochs) \
+        if _anneals_temperature(recipe, model, loaded) else None
+    card = ModelCard(recipe.data or DIGITS_NAME, split.classes, start, recipe.to_dict(), data_config)
     state = _training_state(recipe, model, split.classes, updates, scaler)
+    return Run(recipe, processes, split, train_set, val_set, state, _wrapped(model, recipe, processes), mixup,
+               amp_dtype, temperature, card)
+
+
+def _run(recipe: Recipe, processes: Processes, folder: RunFolder, resuming: bool, force: bool) -> FinetuneResult:
+    """Set the run up (restored from its folder when ``resuming``), then train it epoch by epoch."""
+    run = prepare_run(recipe, processes)
     rows: List[Dict[str, float]] = []
     if resuming:
-        state.load_state_dict(folder.load_state())
-        rows = folder.metrics()[:state.epoch]
+        run.state.load_state_dict(folder.load_state())
+        rows = folder.metrics()[:run.state.epoch]
     elif processes.is_main:
         folder.create(force)
         folder.write_recipe(recipe.to_dict())
     if processes.distributed:
         torch.distributed.barrier()  # the folder exists before any process writes to it
-    mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
-                  num_classes=len(split.classes)) if recipe.mixup > 0 or recipe.cutmix > 0 else None
-    temperature = partial(odconv_temperature, initial=recipe.temperature_initial, final=1.0,
-                          anneal_epochs=recipe.temperature_epochs) if anneal else None
-    card = ModelCard(recipe.data or DIGITS_NAME, split.classes, start, recipe.to_dict(), data_config)
     if processes.is_main:
-        _log_start(recipe, split, processes, start, anneal)
-    train_model = _wrapped(model, recipe, processes)
-    val_loader = _val_loader(val_set, recipe.batch_size, recipe.workers, processes)
+        _log_start(run)
+    return _train_epochs(run, folder, rows)
+
+
+def _train_epochs(run: Run, folder: RunFolder, rows: List[Dict[str, float]]) -> FinetuneResult:
+    """Train, validate and (on the main process) write each remaining epoch; stop early without progress."""
+    recipe, state, processes = run.recipe, run.state, run.processes
+    val_loader = _val_loader(run.val_set, recipe.batch_size, recipe.workers, processes)
     run_start, stopped_early = time.perf_counter(), False
     while state.epoch < recipe.epochs:
         epoch_start = time.perf_counter()
-        generator = seed_epoch(recipe.seed, state.epoch, processes.rank)
-        loader = train_loader(train_set, recipe.batch_size, recipe.workers, processes, state.epoch, generator,
-                              recipe.seed)
-        train_loss, img_s = train_one_epoch(state, train_model, loader, recipe, processes, mixup, amp_dtype,
-                                            temperature)
-        evaluation = validate(state.deployed_model, val_loader, len(split.classes), processes.device, amp_dtype,
-                              recipe.channels_last)
+        train_loss, img_s = train_one_epoch(state, run.train_model, run.train_loader(), recipe, processes, run.mixup,
+                                            run.amp_dtype, run.temperature)
+        evaluation = validate(state.deployed_model, val_loader, len(run.split.classes), processes.device,
+                              run.amp_dtype, recipe.channels_last)
         improved = state.record(evaluation)
         rows.append(dict(epoch=state.epoch, train_loss=train_loss, val_loss=evaluation.loss, val_top1=evaluation.top1,
                          val_top5=evaluation.top5, lr=state.optimizer.param_groups[0]['lr'],
-                         temperature=temperature(state.epoch) if temperature else 1.0, train_img_s=img_s,
+                         temperature=run.temperature(state.epoch) if run.temperature else 1.0, train_img_s=img_s,
                          seconds=time.perf_counter() - epoch_start))
         if processes.is_main:
-            folder.write_epoch(rows, state.deployed_model, evaluation, improved, card, state.state_dict())
+            folder.write_epoch(rows, state.deployed_model, evaluation, improved, run.card, state.state_dict())
             _log_epoch(recipe, rows[-1], evaluation)
         if recipe.patience and state.epoch - state.best_epoch >= recipe.patience and state.epoch < recipe.epochs:
             stopped_early = True
@@ -438,11 +471,12 @@ def _run(recipe: Recipe, processes: Processes, folder: RunFolder, resuming: bool
                           stopped_early)
 
 
-def _log_start(recipe: Recipe, split: FolderSplit, processes: Processes, start: str, anneal: bool) -> None:
+def _log_start(run: Run) -> None:
+    recipe, split, processes, anneal = run.recipe, run.split, run.processes, run.temperature is not None
     _logger.info(f'{recipe.model} on {len(split.train)} training and {len(split.val)} validation images of '
                  f'{len(split.classes)} classes, {processes.world_size} process(es) on {processes.device.type}, from '
-                 f'{start}' + (f'; ODConv temperature {recipe.temperature_initial:g} -> 1 over '
-                               f'{recipe.temperature_epochs:g} epochs' if anneal else ''))
+                 f'{run.card.start}' + (f'; ODConv temperature {recipe.temperature_initial:g} -> 1 over '
+                                        f'{recipe.temperature_epochs:g} epochs' if anneal else ''))
     if anneal and recipe.temperature_epochs > recipe.epochs:
         _logger.warning(f'the ODConv temperature anneals over {recipe.temperature_epochs:g} epochs but the run has '
                         f'{recipe.epochs}: it ends above 1, while validation and the exports run at 1 (the inference '
