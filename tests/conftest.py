@@ -1,4 +1,5 @@
-"""pytest setup: ``import zoo`` registers the models with timm before any test; shared helpers are in tests/helpers.py."""
+"""pytest setup: ``import zoo`` registers the models with timm before any test; the shared helpers are in
+tests/helpers.py."""
 import os
 
 import pytest

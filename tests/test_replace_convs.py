@@ -217,6 +217,7 @@ with torch.no_grad():
 '''
 
 
+@pytest.mark.slow
 def test_xvolution_warm_start_loads_timm_resnet50_weights_from_the_hub_cache(tmp_path):
     """``xvolution_resnet50.a1_in1k``: timm's resnet50.a1_in1k weights in the convolution branches, so the model
     equals timm's resnet50 with those weights (offline: a Hub cache laid out on disk)."""
