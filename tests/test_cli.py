@@ -1,6 +1,7 @@
 """The ``zoo`` command: listing, help, and how it ends on a user's error and on a bug in zoo (the Hub workflow is in
 test_hub_workflow.py)."""
 import pytest
+from PIL import Image
 
 import zoo.catalogue
 from tests.helpers import run_zoo, run_zoo_here
@@ -61,6 +62,14 @@ def test_a_user_error_is_one_line_without_a_traceback(tmp_path):
     result = run_zoo_here('predict', 'van_b0', tmp_path / 'missing.png')
     assert result.returncode == 1
     assert result.stderr == f'zoo: {tmp_path / "missing.png"}: no such image file\n'
+
+
+def test_weights_that_cannot_be_read_are_a_user_error_not_a_bug(tmp_path):
+    Image.new('RGB', (8, 8)).save(tmp_path / 'cat.png')
+    result = run_zoo_here('predict', f'local-dir:{tmp_path / "absent"}', tmp_path / 'cat.png')
+    assert result.returncode == 1
+    assert result.stderr.startswith(f'zoo: cannot load the weights of local-dir:{tmp_path / "absent"}: ')
+    assert result.stderr.count('\n') == 1
 
 
 def test_an_unexpected_error_shows_its_traceback_and_asks_for_a_bug_report(monkeypatch):

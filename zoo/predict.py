@@ -2,14 +2,13 @@
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
-import timm
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torch import nn
 
 from zoo.errors import ImageFileError, UsageError
-from zoo.models import create_model_from_checkpoint, resolve_model_name
+from zoo.models import create_model_from_checkpoint, create_pretrained_model, resolve_model_name
 
 __all__ = ['class_names', 'classify_images', 'load_image', 'load_model']
 
@@ -20,7 +19,8 @@ def load_image(path: Union[str, Path]) -> Image.Image:
     """An image file as RGB; an ImageFileError naming the file if it is missing or not an image."""
     path = Path(path)
     if path.is_dir():
-        raise ImageFileError(f'{path} is a folder: give image files (`zoo evaluate MODEL --data FOLDER` scores a folder)')
+        raise ImageFileError(f'{path} is a folder: give image files (`zoo evaluate MODEL --data FOLDER` scores a '
+                             f'folder)')
     if not path.is_file():
         raise ImageFileError(f'{path}: no such image file')
     try:
@@ -40,7 +40,7 @@ def load_model(name: str, checkpoint: Optional[Union[str, Path]] = None) -> nn.M
         resolve_model_name(name)
     if checkpoint:
         return create_model_from_checkpoint(name, checkpoint).eval()
-    return timm.create_model(name, pretrained=True).eval()
+    return create_pretrained_model(name).eval()
 
 
 def class_names(model: nn.Module) -> List[str]:

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from zoo.layers import ODConv2d, odconv_temperature, set_temperature
-from zoo.models import check_timm_model_name, create_model_from_checkpoint, replace_convs
+from zoo.models import check_timm_model_name, create_model_from_checkpoint, create_pretrained_model, replace_convs
 from .data import FolderSplit, ImageFiles, read_image_folder, transforms_for
 from .digits import digits_folder
 from .distributed import Processes, join_processes, leave_processes, sum_over_processes
@@ -195,7 +195,8 @@ def _build_model(recipe: Recipe, num_classes: int) -> Tuple[nn.Module, bool, str
         model, loaded, start = create_model_from_checkpoint(recipe.model, recipe.checkpoint, **kwargs), True, \
             recipe.checkpoint
     else:
-        model, loaded = timm.create_model(recipe.model, pretrained=recipe.pretrained, **kwargs), recipe.pretrained
+        create = create_pretrained_model if recipe.pretrained else partial(timm.create_model, pretrained=False)
+        model, loaded = create(recipe.model, **kwargs), recipe.pretrained
         start = f'{recipe.model} pretrained weights' if recipe.pretrained else 'random initialisation'
     if recipe.convert:
         include = recipe.convert_include.split(',') if recipe.convert_include else None

@@ -1,10 +1,12 @@
 """timm-native model families; importing this package registers every entrypoint with timm."""
 import difflib
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import timm
 
-from zoo.errors import ModelNameError
+from torch import nn
+
+from zoo.errors import ModelNameError, WeightsUnavailableError
 from ._builder import create_model_from_checkpoint
 from ._manifest import load_manifest, weights_location
 from .efficientmod import EfficientMod
@@ -17,8 +19,8 @@ from .xvolution_resnet import XVolutionResNet
 __all__ = [
     'FAMILY_MODULES', 'OPS', 'EfficientMod', 'ODMobileNetV2', 'ODResNet', 'ReplaceReport', 'VAN', 'XVolutionResNet',
     'replace_convs',
-    'check_timm_model_name', 'create_model_from_checkpoint', 'list_zoo_models', 'load_manifest', 'resolve_model_name',
-    'weights_location',
+    'check_timm_model_name', 'create_model_from_checkpoint', 'create_pretrained_model', 'list_zoo_models',
+    'load_manifest', 'resolve_model_name', 'weights_location',
 ]
 
 # timm records a model's module as the last component of its Python module name
@@ -59,3 +61,15 @@ def check_timm_model_name(name: str) -> None:
     model = name.partition('.')[0]
     if not timm.is_model(model):
         raise _unknown_model(model, timm.list_models(), '`zoo list` shows zoo\'s models, timm.list_models() all')
+
+
+def create_pretrained_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, pretrained=True, **kwargs)``; weights that cannot be read (a missing ``local-dir:``
+    folder, an unknown or unreachable Hub repo, a download that is not in the cache offline) raise a
+    :class:`~zoo.errors.WeightsUnavailableError` that names the model and the reason."""
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except OSError as e:  # the file system's and huggingface_hub's errors (the latter's HTTP errors included)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsUnavailableError(f'cannot load the weights of {name}: {reason} (check the name, the folder or '
+                                      f'the network)') from e
