@@ -139,14 +139,14 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
 
 @contextlib.contextmanager
 def _global_rngs_kept() -> Iterator[None]:
-    """The caller's torch, random and numpy RNG states, restored on exit."""
-    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
+    """The caller's RNG states (torch's, CUDA's included, random's and numpy's), restored on exit."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
 
 
 # data -----------------------------------------------------------------------------------------------------------------
