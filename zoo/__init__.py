@@ -5,6 +5,8 @@ reads the official checkpoints of its family through the conversion layer. Layer
 it::
 
     cli -> catalogue, hub, predict -> models (one file per family) -> convert (checkpoint layouts), layers (operators)
+
+and ``zoo.errors`` (the errors about what a user gave zoo) below them all.
 """
 from . import models
 from .convert import CheckpointError, read_checkpoint
