@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import timm
 
-from bench import RESULTS, _inference_step, _training_step, describe_machine, interleaved_median_seconds
+from benchlib import RESULTS, describe_machine, inference_step, interleaved_median_seconds, training_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def measure(pairs, baselines: Dict[str, str], args: argparse.Namespace) -> List[
     rows = []
     for name, (before, after) in pairs.items():
         baseline = timm.create_model(baselines[name])
-        for mode, step in (('inference', _inference_step), ('training step', _training_step)):
+        for mode, step in (('inference', inference_step), ('training step', training_step)):
             for model in (before, after, baseline):
                 model.train(mode != 'inference')
             steps: Dict[str, Callable[[], None]] = {

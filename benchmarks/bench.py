@@ -16,29 +16,19 @@ benchmarks/RESULTS.md with a description of the machine.
 reported ImageNet top-1 of the models with weights (the papers' figure 1, measured here).
 """
 import argparse
-import datetime
 import os
-import platform
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
 
-import torch
 import timm
+import torch
 from timm.utils import reparameterize_model
-from torch.utils.flop_counter import FlopCounterMode
 
-import zoo  # noqa: F401  (registers the zoo models)
-from zoo.layers import OmniAttention
+from benchlib import (MEMORY_FORMATS, RESULTS, append_results, calibrated_model, describe_machine, gmacs,
+                      inference_step, interleaved_median_seconds, onnx_step, params_m, peak_training_memory_mb,
+                      pyplot, training_step, utc_heading)
 from zoo.models import FAMILY_MODULES, load_manifest
-
-RESULTS = Path(__file__).parent / 'RESULTS.md'
-MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
 
 
 @dataclass
@@ -49,80 +39,6 @@ class Measurement:
     batch_size: int
     images_per_s: float
     ms_per_batch: float
-
-
-def _elapsed(step: Callable[[], None], device: torch.device) -> float:
-    """Seconds of one ``step``: CUDA events on a GPU (the queued kernels included), the wall clock elsewhere."""
-    if device.type != 'cuda':
-        start = time.perf_counter()
-        step()
-        return time.perf_counter() - start
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    step()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3
-
-
-def interleaved_median_seconds(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int,
-                               device: torch.device = torch.device('cpu')) -> Dict[str, float]:
-    """Median seconds of each step; the steps take turns, so a slow spell of the machine hits all of them alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            times[name].append(_elapsed(step, device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _autocast(device: torch.device, amp: str = None):
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def _inference_step(model: torch.nn.Module, x: torch.Tensor, amp: str = None) -> Callable[[], None]:
-    def step() -> None:
-        with torch.inference_mode(), _autocast(x.device, amp):
-            model(x)
-    return step
-
-
-def _training_step(model: torch.nn.Module, x: torch.Tensor, amp: str = None) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    target = torch.randint(0, model.num_classes, (x.shape[0],), device=x.device)
-    scaler = torch.amp.GradScaler(x.device.type, enabled=amp == 'fp16')
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(x.device, amp):
-            loss = torch.nn.functional.cross_entropy(model(x), target)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    return step
-
-
-def _onnx_step(model: torch.nn.Module, x: torch.Tensor, threads: int) -> Tuple[Callable[[], None], float]:
-    """onnxruntime inference of ``model`` exported at ``x``'s shape, and the max abs difference of its outputs from
-    PyTorch's; fails beyond 1e-4."""
-    import onnxruntime as ort
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / 'model.onnx')
-        torch.onnx.export(model, (x.contiguous(),), path, dynamo=True, verbose=False)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        # idle onnxruntime workers otherwise spin after each run, stealing the cores from the next model's turn
-        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-        session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-    feed = {session.get_inputs()[0].name: x.contiguous().numpy()}
-    with torch.inference_mode():
-        diff = (torch.from_numpy(session.run(None, feed)[0]) - model(x)).abs().max().item()
-    if diff > 1e-4:
-        raise RuntimeError(f'onnxruntime output differs from PyTorch by {diff:.3g} (max abs)')
-    return (lambda: session.run(None, feed)), diff
 
 
 def _can_fuse(model: torch.nn.Module) -> bool:
@@ -139,16 +55,16 @@ def _steps(name: str, memory_format: torch.memory_format, x: torch.Tensor, args:
         model = calibrated_model(name).to(device, memory_format=memory_format).eval()
         deployed = reparameterize_model(model) if _can_fuse(model) else model
         if 'infer' in modes:
-            steps['eval'] = _inference_step(model, x, args.amp)
+            steps['eval'] = inference_step(model, x, args.amp)
             if deployed is not model:
-                steps['reparam'] = _inference_step(deployed, x, args.amp)
+                steps['reparam'] = inference_step(deployed, x, args.amp)
         if 'compile' in modes:
-            steps['compile'] = _inference_step(torch.compile(model), x, args.amp)
+            steps['compile'] = inference_step(torch.compile(model), x, args.amp)
         if 'onnx' in modes and memory_format == torch.contiguous_format and device.type == 'cpu':
-            steps['onnx'], onnx_diffs[f'{name} b{x.shape[0]}'] = _onnx_step(deployed, x, torch.get_num_threads())
+            steps['onnx'], onnx_diffs[f'{name} b{x.shape[0]}'] = onnx_step(deployed, x, torch.get_num_threads())
     if 'train' in modes:
         model = timm.create_model(name).to(device, memory_format=memory_format).train()
-        steps['train'] = _training_step(model, x, args.amp)
+        steps['train'] = training_step(model, x, args.amp)
     return steps
 
 
@@ -172,91 +88,11 @@ def measure(names: List[str], args: argparse.Namespace, onnx_diffs: Dict[str, fl
             yield from measure_configuration(names, format_name, batch_size, args, onnx_diffs)
 
 
-def calibrated_model(name: str) -> torch.nn.Module:
-    """The model with non-trivial BatchNorm statistics (a few training-mode passes), X-volution's attention branch
-    switched on and ODConv's attention heads scaled down.
-
-    Freshly initialised ODConv heads make the per-sample kernels of a deep MobileNetV2 chaotic in eval mode: float32
-    PyTorch itself then differs from float64 by more than the logits' size, so no float32 comparison could pass.
-    Heads at 0.03x keep every attention sample-dependent and the network well conditioned (1e-5 from float64).
-    """
-    torch.manual_seed(0)
-    model = timm.create_model(name)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = None
-            if hasattr(m, 'attn') and hasattr(m.attn, 'bn'):
-                m.attn.bn.weight.fill_(0.2)
-            if isinstance(m, OmniAttention):
-                for head in (m.channel_fc, m.filter_fc, m.spatial_fc, m.kernel_fc):
-                    if head is not None:
-                        head.weight.mul_(0.03)
-        model.train()
-        for seed in range(2):
-            model(torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(seed)))
-    return model.eval()
-
-
-_PEAK_MEMORY_PROBE = """
-import re, sys, torch, timm, zoo
-name, batch_size, img_size, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-torch.set_num_threads(threads)
-model = timm.create_model(name).train()
-x = torch.randn(batch_size, 3, img_size, img_size)
-optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-status = lambda key: int(re.search(key + r':\\s+(\\d+) kB', open('/proc/self/status').read())[1])
-open('/proc/self/clear_refs', 'w').write('5')  # peak resident memory := current, so imports do not count
-before = status('VmRSS')
-for _ in range(2):
-    optimizer.zero_grad()
-    model(x).logsumexp(dim=1).mean().backward()
-    optimizer.step()
-print((status('VmHWM') - before) / 1024)
-"""
-
-
-def peak_training_memory_mb(name: str, batch_size: int, img_size: int) -> float:
-    """Peak resident memory (MiB) of two training steps of ``name`` above the memory held before them, measured in a
-    fresh process (Linux: the peak is reset through /proc/self/clear_refs)."""
-    result = subprocess.run(
-        [sys.executable, '-c', _PEAK_MEMORY_PROBE, name, str(batch_size), str(img_size), str(torch.get_num_threads())],
-        capture_output=True, text=True, check=True)
-    return float(result.stdout.strip())
-
-
-def params_m(name: str) -> float:
-    """Parameters of the training form, in millions."""
-    model = timm.create_model(name, device='meta')  # shapes only
-    return sum(p.numel() for p in model.parameters()) / 1e6
-
-
-def gmacs(name: str, img_size: int = 224) -> float:
-    """Multiply-accumulates (G) of one image through the training form in eval mode, by torch's FLOP counter."""
-    model = timm.create_model(name).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, img_size, img_size))
-    return counter.get_total_flops() / 2e9
-
-
-def describe_machine(threads: int, device: str = 'cpu') -> str:
-    cpu = platform.processor() or 'unknown CPU'
-    if Path('/proc/cpuinfo').exists():
-        names = [line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
-                 if line.startswith('model name')]
-        cpu = names[0] if names else cpu
-    gpu = f'{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); ' if device == 'cuda' else ''
-    return (f'{gpu}{cpu}, {os.cpu_count()} logical CPUs, {threads} torch threads; {platform.system()} '
-            f'{platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, '
-            f'timm {timm.__version__}')
-
-
 def render(measurements: List[Measurement], peaks: Dict[str, float], onnx_diffs: Dict[str, float],
-           args: argparse.Namespace) -> str:
+           args: argparse.Namespace) -> List[str]:
     amp = f', autocast {args.amp}' if args.amp else ''
     lines = [
-        f'## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC — {", ".join(args.models)} '
-        f'vs {", ".join(args.baselines)}',
+        utc_heading(f'{", ".join(args.models)} vs {", ".join(args.baselines)}'),
         '',
         f'Machine: {describe_machine(args.threads, args.device)}. Device {args.device}{amp}. Input '
         f'{args.img_size}x{args.img_size}; median of {args.repeats} runs after {args.warmup} warm-up runs. `eval`: '
@@ -279,7 +115,7 @@ def render(measurements: List[Measurement], peaks: Dict[str, float], onnx_diffs:
     if onnx_diffs:
         lines += ['', 'onnxruntime vs PyTorch, max abs difference of the logits: ' +
                   ', '.join(f'{key} {diff:.1e}' for key, diff in onnx_diffs.items())]
-    return '\n'.join(lines) + '\n\n'
+    return lines
 
 
 def _family(name: str) -> str:
@@ -297,7 +133,7 @@ def _inference_speed(measurements: List[Measurement]) -> Tuple[Dict[str, float],
 
 def plot(measurements: List[Measurement], baselines: List[str], path: Path, title: str) -> None:
     """img/s of each family's models beside the timm baselines, one panel per family."""
-    plt = _pyplot()
+    plt = pyplot()
     speed, label = _inference_speed(measurements)
     families = list(dict.fromkeys(_family(m) for m in speed if _family(m) != 'baseline'))
     fig, axes = plt.subplots(1, len(families), figsize=(3.4 * len(families), 4), squeeze=False, sharey=True)
@@ -317,7 +153,7 @@ def plot(measurements: List[Measurement], baselines: List[str], path: Path, titl
 
 def plot_accuracy(measurements: List[Measurement], path: Path, title: str) -> None:
     """img/s against the reported ImageNet-1k top-1 of every measured model with published weights."""
-    plt = _pyplot()
+    plt = pyplot()
     speed, label = _inference_speed(measurements)
     top1 = {tag.split('.')[0]: entry['top1'] for tag, entry in load_manifest().items() if entry['top1'] is not None}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -334,13 +170,6 @@ def plot_accuracy(measurements: List[Measurement], path: Path, title: str) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use('Agg')  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def parse_args() -> argparse.Namespace:
@@ -377,8 +206,7 @@ def main() -> None:
         for name in [*args.models, *args.baselines]:
             peaks[name] = peak_training_memory_mb(name, max(args.batch_sizes), args.img_size)
             print(f'{name:<22}training step peak memory {peaks[name]:.0f} MiB', flush=True)
-    with open(args.out, 'a', encoding='utf-8') as f:
-        f.write(render(measurements, peaks, onnx_diffs, args))
+    append_results(args.out, render(measurements, peaks, onnx_diffs, args))
     title = f'{describe_machine(args.threads, args.device)}; median of {args.repeats}'.replace('; ', '\n', 1)
     if args.plot:
         plot(measurements, args.baselines, args.plot, title)

@@ -23,7 +23,7 @@ import torch
 from zoo.catalogue import summarize_models
 from zoo.export import ExportError, export_onnx
 
-from bench import RESULTS, calibrated_model, describe_machine
+from benchlib import RESULTS, calibrated_model, describe_machine
 
 
 def export_rows(pattern: str, img_size: int) -> List[str]:

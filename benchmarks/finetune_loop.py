@@ -1,16 +1,15 @@
 """What ``zoo finetune``'s loop costs beyond the work itself, and whether data loading keeps up.
 
 Three measurements on the same model, data, loader and optimizer, taking turns epoch by epoch (median of
-``--repeats``): an epoch of zoo's training loop (``_Run.train_epoch``: its RNG seeding, loader, schedule, temperature,
-progress bar), an epoch of a bare loop (forward, cross-entropy, backward, optimizer step over the same batches), and
-an epoch of the loader alone (the images decoded and transformed, no model). Results are appended to
+``--repeats``): an epoch of zoo's training loop (``train_one_epoch`` on the epoch's seeded loader: schedule, EMA,
+temperature, progress bar), an epoch of a bare loop (forward, cross-entropy, backward, optimizer step over the same
+batches), and an epoch of the loader alone (the images decoded and transformed, no model). Results are appended to
 benchmarks/RESULTS.md.
 
     python benchmarks/finetune_loop.py                                   # the embedded default: van_b0, digits, 32 px
     python benchmarks/finetune_loop.py --model od_resnet18 --img-size 128 --batch-size 16
 """
 import argparse
-import datetime
 import statistics
 import time
 from pathlib import Path
@@ -19,27 +18,29 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from bench import RESULTS, describe_machine
-from zoo.finetune import resolve_recipe
-from zoo.finetune.digits import digits_folder
+from benchlib import RESULTS, append_results, describe_machine, utc_heading
+from zoo.finetune import DIGITS_DEFAULTS, resolve_recipe
 from zoo.finetune.distributed import join_processes
-from zoo.finetune.run_folder import RunFolder
-from zoo.finetune import DIGITS_DEFAULTS
-from zoo.finetune.trainer import _Run
+from zoo.finetune.trainer import Run, prepare_run, train_one_epoch
 
 
-def bare_epoch(run: _Run, epoch: int) -> None:
+def zoo_epoch(run: Run) -> None:
+    train_one_epoch(run.state, run.train_model, run.train_loader(), run.recipe, run.processes, run.mixup,
+                    run.amp_dtype, run.temperature)
+
+
+def bare_epoch(run: Run) -> None:
     """The same batches through the plainest training loop."""
-    run.model.train()
-    for images, targets in run._train_loader(epoch):
-        loss = F.cross_entropy(run.model(images), targets, label_smoothing=run.recipe.label_smoothing)
+    model, optimizer = run.state.model.train(), run.state.optimizer
+    for images, targets in run.train_loader():
+        loss = F.cross_entropy(model(images), targets, label_smoothing=run.recipe.label_smoothing)
         loss.backward()
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
-def loading_epoch(run: _Run, epoch: int) -> None:
-    for _ in run._train_loader(epoch):
+def loading_epoch(run: Run) -> None:
+    for _ in run.train_loader():
         pass
 
 
@@ -55,16 +56,15 @@ def main() -> None:
     torch.manual_seed(0)
     recipe = resolve_recipe(DIGITS_DEFAULTS, dict(model=args.model, img_size=args.img_size,
                                                   batch_size=args.batch_size, workers=args.workers))
-    run = _Run(recipe, join_processes(), RunFolder(Path('unused')), digits_folder())
+    run = prepare_run(recipe, join_processes())
     images = len(run.train_set)
-    steps: Dict[str, Callable[[int], object]] = {
-        "zoo's loop": run.train_epoch, 'bare loop': lambda e: bare_epoch(run, e),
-        'loading alone': lambda e: loading_epoch(run, e)}
+    steps: Dict[str, Callable[[Run], None]] = {"zoo's loop": zoo_epoch, 'bare loop': bare_epoch,
+                                               'loading alone': loading_epoch}
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for repeat in range(args.repeats + 1):  # the first round warms up
         for name, step in steps.items():
             start = time.perf_counter()
-            step(repeat)
+            step(run)  # each epoch of the run draws the same batches: its epoch counter stays at 0
             if repeat:
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
@@ -73,8 +73,7 @@ def main() -> None:
     ratio = medians["zoo's loop"] / medians['bare loop']
     print(f"zoo's loop / bare loop: {ratio:.3f}")
     lines = [
-        f'## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC — fine-tuning loop overhead: '
-        f'{args.model}, {args.img_size} px, batch {args.batch_size}',
+        utc_heading(f'fine-tuning loop overhead: {args.model}, {args.img_size} px, batch {args.batch_size}'),
         '',
         f'Machine: {describe_machine(torch.get_num_threads())}. `benchmarks/finetune_loop.py`: one epoch of the '
         f'digits training split ({images} images, {args.workers} loader workers) through zoo\'s training loop, a bare '
@@ -87,8 +86,7 @@ def main() -> None:
         '',
         f"zoo's loop / bare loop: {ratio:.3f}.",
     ]
-    with open(args.out, 'a', encoding='utf-8') as f:
-        f.write('\n'.join(lines) + '\n\n')
+    append_results(args.out, lines)
 
 
 if __name__ == '__main__':

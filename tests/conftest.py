@@ -1,11 +1,12 @@
-"""pytest setup: ``import zoo`` registers the models with timm before any test; shared helpers are in helpers.py."""
+"""pytest setup: ``import zoo`` registers the models with timm before any test; the shared helpers are in
+tests/helpers.py."""
 import os
 
 import pytest
 import torch
 
 import zoo  # noqa: F401  (registers the models with timm)
-from helpers import OfficialReference, load_reference
+from tests.helpers import OfficialReference, load_reference
 
 
 def pytest_configure(config: pytest.Config) -> None:

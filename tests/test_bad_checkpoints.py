@@ -7,7 +7,7 @@ import timm
 from safetensors.torch import save_file
 
 from zoo.convert import CheckpointError, CheckpointMismatchError, VAN_LAYOUTS, read_checkpoint
-from helpers import RunsCodeWhenUnpickled, van_training_checkpoint
+from tests.helpers import RunsCodeWhenUnpickled, van_training_checkpoint
 
 
 @pytest.fixture

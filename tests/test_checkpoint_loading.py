@@ -10,7 +10,7 @@ import torch
 
 from zoo.convert import CheckpointError, CheckpointMismatchError, ODCONV_RESNET_LAYOUTS, unwrap_state_dict
 from zoo.models import create_model_from_checkpoint
-from helpers import assert_logits_close, efficientmod_training_checkpoint, perturbed, van_training_checkpoint
+from tests.helpers import assert_logits_close, efficientmod_training_checkpoint, perturbed, van_training_checkpoint
 
 
 @pytest.fixture(scope='module')
@@ -132,18 +132,25 @@ def test_checkpoint_of_another_configuration_names_both_sides(reference, model_n
         ODCONV_RESNET_LAYOUTS.convert(reference('od_resnet18').state_dict, model)
 
 
-@pytest.mark.parametrize('route', ['checkpoint_path', 'load_checkpoint'])
-def test_timms_own_checkpoint_routes_convert_official_layouts(tmp_path, reference, route):
-    """timm.create_model(..., checkpoint_path=) and timm.models.load_checkpoint read the official layouts too."""
+@pytest.mark.parametrize('route', ['load_state_dict', 'features_only', 'checkpoint_path', 'load_checkpoint'])
+def test_load_state_dict_refuses_an_official_layout_and_names_the_converting_call(tmp_path, reference, route):
+    """Conversion happens in one place, the pretrained filter (create_model_from_checkpoint); load_state_dict, on every
+    model form, and the timm routes built on it load zoo's keys only."""
     ref = reference('van_b0')
-    torch.save(van_training_checkpoint(ref.state_dict), tmp_path / 'van_tiny_754.pth.tar')
-    if route == 'checkpoint_path':
-        model = timm.create_model('van_b0', checkpoint_path=str(tmp_path / 'van_tiny_754.pth.tar'))
-    else:
-        model = timm.create_model('van_b0')
-        timm.models.load_checkpoint(model, str(tmp_path / 'van_tiny_754.pth.tar'))
+    path = tmp_path / 'van_tiny_754.pth.tar'
+    torch.save(van_training_checkpoint(ref.state_dict), path)
+    with pytest.raises(CheckpointError, match=r'in the official layout of VAN checkpoints, which load_state_dict does '
+                                              r'not convert: create the model from the file with '
+                                              r'zoo\.models\.create_model_from_checkpoint\(MODEL, PATH\)'):
+        if route == 'checkpoint_path':
+            timm.create_model('van_b0', checkpoint_path=str(path))
+        elif route == 'load_checkpoint':
+            timm.models.load_checkpoint(timm.create_model('van_b0'), str(path))
+        else:
+            timm.create_model('van_b0', features_only=route == 'features_only').load_state_dict(ref.state_dict)
+    model = create_model_from_checkpoint('van_b0', path).eval()  # the route the error names
     with torch.no_grad():
-        assert_logits_close(model.eval()(ref.inputs[0]), ref.outputs[0])
+        assert_logits_close(model(ref.inputs[0]), ref.outputs[0])
 
 
 def test_a_partial_state_dict_of_the_models_own_keys_loads_as_before():

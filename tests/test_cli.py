@@ -1,7 +1,13 @@
-"""The ``zoo`` command: listing and help (the Hub workflow is in test_hub_workflow.py)."""
-from helpers import run_zoo, run_zoo_here
+"""The ``zoo`` command: listing, help, and how it ends on a user's error and on a bug in zoo (the Hub workflow is in
+test_hub_workflow.py)."""
+import pytest
+from PIL import Image
+
+import zoo.catalogue
+from tests.helpers import run_zoo, run_zoo_here
 
 
+@pytest.mark.slow
 def test_list_shows_every_model_with_params_and_weight_source_within_120_columns():
     result = run_zoo('list')  # the console script, as a user runs it
     assert result.returncode == 0, result.stderr
@@ -33,6 +39,7 @@ def test_help_has_examples():
     assert result.returncode == 0 and 'examples:' in result.stdout
 
 
+@pytest.mark.slow
 def test_version_and_module_entry_point():
     import subprocess
     import sys
@@ -49,3 +56,35 @@ def test_a_typo_gets_a_suggestion():
     assert result.returncode == 1
     assert result.stderr == ("zoo: unknown model 'van_bo': did you mean van_b0? "
                              "`zoo list` shows the models zoo registers\n")
+
+
+def test_a_user_error_is_one_line_without_a_traceback(tmp_path):
+    result = run_zoo_here('predict', 'van_b0', tmp_path / 'missing.png')
+    assert result.returncode == 1
+    assert result.stderr == f'zoo: {tmp_path / "missing.png"}: no such image file\n'
+
+
+def test_weights_that_cannot_be_read_are_a_user_error_not_a_bug(tmp_path):
+    Image.new('RGB', (8, 8)).save(tmp_path / 'cat.png')
+    result = run_zoo_here('predict', f'local-dir:{tmp_path / "absent"}', tmp_path / 'cat.png')
+    assert result.returncode == 1
+    assert result.stderr.startswith(f'zoo: cannot load the weights of local-dir:{tmp_path / "absent"}: ')
+    assert result.stderr.count('\n') == 1
+
+
+def test_an_unexpected_error_shows_its_traceback_and_asks_for_a_bug_report(monkeypatch):
+    def broken(pattern):  # a bug inside zoo: an error no user input explains
+        return {}[pattern]
+    monkeypatch.setattr(zoo.catalogue, 'summarize_models', broken)
+    result = run_zoo_here('list', 'van_b0')
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[0] == 'Traceback (most recent call last):'
+    assert "KeyError: 'van_b0'" in lines and 'in broken' in result.stderr
+    assert lines[-1].startswith(f'zoo: this is a bug in zoo {zoo.__version__}, not a problem with what you gave it: '
+                                f'please report it')
+
+
+def test_export_has_no_format_option(tmp_path):
+    result = run_zoo_here('export', 'van_b0', '--out', tmp_path / 'm.onnx', '--format', 'onnx')
+    assert result.returncode == 2 and 'unrecognized arguments: --format onnx' in result.stderr

@@ -10,7 +10,7 @@ import timm
 import torch
 
 from zoo.export import ExportError, export_onnx
-from helpers import calibrated_xvolution, load_reference, relative_error, run_zoo_here
+from tests.helpers import calibrated_xvolution, load_reference, relative_error, run_zoo_here
 
 FIXTURE_MODELS = ['van_b0', 'od_resnet18', 'od_mobilenetv2_050_4x', 'efficientmod_xxs']
 
@@ -84,10 +84,15 @@ def test_compiled_forward_equals_eager(name):
     assert relative_error(actual, expected) <= 1e-5
 
 
-def test_the_gpu_check_script_says_there_is_no_gpu_and_succeeds_on_a_cpu():
+@pytest.mark.slow
+def test_the_gpu_check_script_says_there_is_no_gpu_and_succeeds_on_a_cpu(tmp_path):
+    """With $PYTHON as its interpreter (not whatever `python` is on the PATH); a $PYTHON without torch is named."""
     script = Path(__file__).parent.parent / 'benchmarks' / 'gpu_check.sh'
-    env = dict(os.environ, PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}',
-               CUDA_VISIBLE_DEVICES='')
+    env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES='', OUT=str(tmp_path))
     result = subprocess.run(['bash', str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == 'gpu_check: no CUDA GPU on this machine: nothing to check'
+    assert not any(tmp_path.iterdir())
+    env['PYTHON'] = str(tmp_path / 'no-python')
+    result = subprocess.run(['bash', str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1 and 'no-python cannot import torch' in result.stderr

@@ -9,7 +9,7 @@ from timm.utils import reparameterize_model
 
 from zoo.layers import EfficientModulation
 from zoo.models.efficientmod import AttentionBlock, ModulationBlock
-from helpers import assert_logits_close, load_reference
+from tests.helpers import assert_logits_close, load_reference
 
 def _official_modulation(op: EfficientModulation, x: torch.Tensor) -> torch.Tensor:
     """The official formula: the context repeated ``ratio`` times along channels, then multiplied."""

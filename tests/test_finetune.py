@@ -2,18 +2,23 @@
 load, publish and predict, several processes under torchrun, and one clear line for every bad input."""
 import csv
 import json
+import math
+import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import timm
 import torch
 
 import zoo.finetune.trainer as trainer
-from zoo.finetune import RunFolderError, finetune, resolve_recipe
+from zoo.finetune.distributed import Processes
+from zoo.finetune.trainer import train_loader, updates_per_epoch
+from zoo.finetune import RunFolder, RunFolderError, finetune, resolve_recipe
 from zoo.layers import ODConv2d, odconv_temperature
 from zoo.models import create_model_from_checkpoint
-from helpers import RunsCodeWhenUnpickled, run_zoo_here, write_image_folder
+from tests.helpers import RunsCodeWhenUnpickled, run_zoo_here, write_image_folder
 
 QUICK = dict(pretrained=False, img_size=32, batch_size=8, workers=0, epochs=3, lr=2e-3, warmup_epochs=0, hflip=0.0,
              scale=(0.7, 1.0))
@@ -73,22 +78,44 @@ def test_patience_stops_a_run_that_no_longer_improves(tmp_path, data):
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path, data, monkeypatch):
     whole = _run(tmp_path / 'whole', data, mixup=0.2, ema_decay=0.9)
 
-    end_epoch = trainer._Run.end_epoch
+    save_state = RunFolder.save_state
 
-    def interrupted_after_two_epochs(run, epoch, *args):
-        end_epoch(run, epoch, *args)
-        if epoch == 1:
+    def interrupted_after_two_epochs(folder, state):
+        save_state(folder, state)
+        if state['epoch'] == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(trainer._Run, 'end_epoch', interrupted_after_two_epochs)
+    monkeypatch.setattr(RunFolder, 'save_state', interrupted_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / 'cut', data, mixup=0.2, ema_decay=0.9)
-    monkeypatch.setattr(trainer._Run, 'end_epoch', end_epoch)
+    monkeypatch.setattr(RunFolder, 'save_state', save_state)
     folder = tmp_path / 'cut' / 'run'
     assert len(_metrics(folder)) == 2
     assert run_zoo_here('finetune', '--resume', folder).returncode == 0
     for got, want in zip(_metrics(folder), _metrics(whole.folder), strict=True):
         for column in ('train_loss', 'val_loss', 'val_top1', 'lr'):
             assert float(got[column]) == pytest.approx(float(want[column]), rel=0, abs=1e-6), column
+
+
+def test_a_run_leaves_the_callers_random_generators_as_they_were(tmp_path, data):
+    def draw():
+        return torch.rand(2).tolist(), random.random(), float(np.random.rand())
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expected = draw()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    _run(tmp_path, data, epochs=1)
+    assert draw() == expected
+
+
+@pytest.mark.parametrize('images,batch_size,accumulate,world_size', [
+    (24, 8, 1, 1), (25, 8, 1, 1), (17, 8, 1, 1), (1, 8, 1, 1), (50, 8, 3, 1), (25, 4, 1, 2), (23, 4, 2, 3)])
+def test_updates_per_epoch_counts_what_the_loader_yields(images, batch_size, accumulate, world_size):
+    """Counted without building the epoch's loader (which would seed its RNGs); here against the loaders themselves."""
+    dataset = torch.utils.data.TensorDataset(torch.zeros(images, 1))
+    for rank in range(world_size):  # a DistributedSampler given its rank and world size needs no process group
+        loader = train_loader(dataset, batch_size, 0, Processes(rank, world_size, torch.device('cpu')), 0,
+                              torch.Generator(), seed=0)
+        assert math.ceil(len(loader) / accumulate) == updates_per_epoch(images, batch_size, accumulate, world_size)
 
 
 class TestOdconvTemperature:

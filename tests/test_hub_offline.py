@@ -5,10 +5,11 @@ timm and huggingface_hub code paths resolve the files; the weights inside are th
 """
 import json
 
+import pytest
 import torch
 
-from helpers import (as_transformers_layout, lay_out_hub_cache, official_state_dict_keys, run_python_offline,
-                     torch_bytes, van_training_checkpoint)
+from tests.helpers import (as_transformers_layout, lay_out_hub_cache, official_state_dict_keys, run_python_offline,
+                           torch_bytes, van_training_checkpoint)
 
 def test_inverse_table_yields_the_published_transformers_keys():
     official_keys = official_state_dict_keys()
@@ -35,6 +36,7 @@ def _run_offline(tmp_path, reference, kwargs: dict) -> float:
     return float(result.stdout.split('max_abs_diff')[1])
 
 
+@pytest.mark.slow
 def test_pretrained_loads_the_transformers_repo_from_the_hub_cache(tmp_path, reference):
     weights = as_transformers_layout(reference('van_b0').state_dict)
     lay_out_hub_cache(tmp_path / 'hub', 'Visual-Attention-Network/van-tiny',
@@ -42,6 +44,7 @@ def test_pretrained_loads_the_transformers_repo_from_the_hub_cache(tmp_path, ref
     assert _run_offline(tmp_path, reference, {}) <= 1e-4
 
 
+@pytest.mark.slow
 def test_pretrained_loads_the_original_training_checkpoint_from_the_hub_cache(tmp_path, reference):
     checkpoint = van_training_checkpoint(reference('van_b0').state_dict)
     lay_out_hub_cache(tmp_path / 'hub', 'Visual-Attention-Network/VAN-Tiny-original',
@@ -50,6 +53,7 @@ def test_pretrained_loads_the_original_training_checkpoint_from_the_hub_cache(tm
     assert _run_offline(tmp_path, reference, dict(pretrained_cfg_overlay=overlay)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_missing_cache_entry_fails_offline_with_the_repo_named(tmp_path, reference):
     ref = reference('van_b0')
     torch.save((ref.inputs[0], ref.outputs[0]), tmp_path / 'io.pt')

@@ -10,8 +10,9 @@ from PIL import Image
 
 from zoo.cli import main
 from zoo.hub import export_hub_folder
-from helpers import (RunsCodeWhenUnpickled, efficientmod_training_checkpoint, lay_out_hub_cache, load_reference,
-                     odconv_training_checkpoint, run_python_offline, run_zoo, run_zoo_here, van_training_checkpoint)
+from tests.helpers import (RunsCodeWhenUnpickled, efficientmod_training_checkpoint, lay_out_hub_cache, load_reference,
+                           odconv_training_checkpoint, run_python_offline, run_zoo, run_zoo_here,
+                           van_training_checkpoint)
 
 
 def _official_case(name: str, container):
@@ -54,8 +55,8 @@ with torch.no_grad():
 '''
 
 
-@pytest.mark.parametrize('family', [family if family == 'van' else pytest.param(family, marks=pytest.mark.slow)
-                                    for family in CASES])
+@pytest.mark.slow
+@pytest.mark.parametrize('family', CASES)
 def test_official_checkpoint_to_hub_folder_to_users(tmp_path, family):
     model_name, checkpoint, x, expected = CASES[family]()
     torch.save(checkpoint, tmp_path / 'checkpoint.pth.tar')
@@ -199,6 +200,7 @@ def test_bad_input_ends_in_one_line_and_leaves_nothing_behind(tmp_path, van_expo
     assert (tmp_path / 'occupied' / 'keep.txt').read_text() == 'mine'
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     (tmp_path / 'notes.pth').write_text('these are not weights')
     result = run_zoo('convert', 'van_b0', tmp_path / 'notes.pth', '--out', tmp_path / 'out')
@@ -239,6 +241,7 @@ def test_ema_weights_are_converted_when_asked_for(tmp_path):
     torch.testing.assert_close(model.stem.conv.weight, ema['patch_embed.proj.weight'])
 
 
+@pytest.mark.slow
 def test_publish_without_network_fails_in_one_line_and_changes_nothing(tmp_path, van_export):
     card = (van_export / 'README.md').read_text()
     script = 'import sys, zoo.cli; sys.exit(zoo.cli.main(sys.argv[1:]))'

@@ -13,7 +13,7 @@ import yaml
 from zoo._files import file_sha256
 from zoo.mirror import MirrorError, mirror_tags
 from zoo.models import MANIFEST_PATH, update_manifest
-from helpers import (as_transformers_layout, assert_logits_close, efficientmod_training_checkpoint,
+from tests.helpers import (as_transformers_layout, assert_logits_close, efficientmod_training_checkpoint,
                      odconv_training_checkpoint, perturbed, run_zoo_here, torch_bytes)
 
 TAGS = {'van_b0.in1k': 'van_b0', 'od_resnet18.in1k': 'od_resnet18', 'efficientmod_xxs.in1k': 'efficientmod_xxs'}

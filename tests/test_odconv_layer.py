@@ -7,7 +7,7 @@ import torch
 
 from zoo.layers import ODConv2d, fuse_conv_bn, odconv_fast, set_temperature
 from zoo.layers.odconv_fast import ConvForm, ODConvPath, plan_odconv
-from helpers import FIXTURES, assert_logits_close, load_reference
+from tests.helpers import FIXTURES, assert_logits_close, load_reference
 
 LAYER_FIXTURES = sorted(p.stem for p in FIXTURES.glob('odconv2d_*.safetensors'))
 

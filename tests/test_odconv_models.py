@@ -9,7 +9,7 @@ from timm.utils import reparameterize_model
 
 import zoo
 from zoo.layers import ODConv2d
-from helpers import relative_error, with_random_batchnorm_statistics
+from tests.helpers import relative_error, with_random_batchnorm_statistics
 
 
 def test_every_block_conv_is_dynamic_and_the_stem_and_shortcuts_static():

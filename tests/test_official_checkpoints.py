@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from zoo.convert import EFFICIENTMOD_LAYOUTS, ODCONV_MOBILENETV2_LAYOUTS, ODCONV_RESNET_LAYOUTS, VAN_LAYOUTS
-from helpers import (assert_logits_close, efficientmod_training_checkpoint, odconv_training_checkpoint,
-                     official_state_dict_keys, perturbed, van_training_checkpoint)
+from tests.helpers import (assert_logits_close, efficientmod_training_checkpoint, odconv_training_checkpoint,
+                           official_state_dict_keys, perturbed, van_training_checkpoint)
 
 # model -> (its official state dict in official_state_dict_keys.json, official parameter count in millions)
 OFFICIAL = {

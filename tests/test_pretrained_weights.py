@@ -15,8 +15,9 @@ import pytest
 import timm
 import torch
 
-from zoo.models import PretrainedWeightsError, create_model_from_checkpoint, pretrained_weights_file, weights_sources
-from helpers import (FileServer, as_transformers_layout, assert_logits_close, closed_port_url, lay_out_hub_cache,
+from zoo.errors import WeightsUnavailableError
+from zoo.models import create_model_from_checkpoint, pretrained_weights_file, weights_sources
+from tests.helpers import (FileServer, as_transformers_layout, assert_logits_close, closed_port_url, lay_out_hub_cache,
                      manifest_copy, odconv_training_checkpoint, torch_bytes)
 
 CHECKPOINT = '/od_resnet18.pth.tar'
@@ -77,7 +78,7 @@ class TestIntegrity:
         with FileServer({CHECKPOINT: odconv_file}) as server:
             manifest = manifest_copy(tmp_path / 'm.yaml', {'od_resnet18.in1k': {
                 'source.url': server.url(CHECKPOINT), 'source.sha256': '0' * 64}})
-            with pytest.raises(PretrainedWeightsError, match='sha256 mismatch') as error:
+            with pytest.raises(WeightsUnavailableError, match='sha256 mismatch') as error:
                 pretrained_weights_file('od_resnet18.in1k', cache_dir=tmp_path / 'hub', manifest=manifest)
         assert 'pretrained=False' in str(error.value)
         assert not [p for p in (tmp_path / 'hub').rglob('*') if p.is_file() and not p.name.endswith('.lock')]
@@ -101,7 +102,7 @@ class TestWithoutNetwork:
     def test_an_unreachable_source_answers_at_once_with_the_manual_route(self, tmp_path):
         manifest = manifest_copy(tmp_path / 'm.yaml', {'od_resnet18.in1k': {'source.url': closed_port_url('/x')}})
         start = time.perf_counter()
-        with pytest.raises(PretrainedWeightsError) as error:
+        with pytest.raises(WeightsUnavailableError) as error:
             pretrained_weights_file('od_resnet18.in1k', cache_dir=tmp_path, manifest=manifest)
         assert time.perf_counter() - start < 5
         message = str(error.value)
@@ -170,7 +171,7 @@ class TestAsUsersCallIt:
         assert run.returncode == 1
         seconds, message = run.stdout.split('s ', 1)
         assert float(seconds) < 5, run.stdout
-        assert 'PretrainedWeightsError' in message and 'no network' in message and '--checkpoint FILE' in message
+        assert 'WeightsUnavailableError' in message and 'no network' in message and '--checkpoint FILE' in message
 
 
 def _resolve_in_process(args):

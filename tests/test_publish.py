@@ -9,7 +9,7 @@ import torch
 
 from zoo.finetune import finetune, resolve_recipe
 from zoo.hub import export_hub_folder
-from helpers import run_zoo_here, write_image_folder
+from tests.helpers import run_zoo_here, write_image_folder
 
 QUICK = dict(pretrained=False, img_size=32, batch_size=8, workers=0, epochs=1, warmup_epochs=0, hflip=0.0)
 

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import save_file
 
 from zoo.hub import export_hub_folder
-from helpers import (as_transformers_layout, efficientmod_training_checkpoint, lay_out_hub_cache, load_reference,
-                     odconv_training_checkpoint, perturbed, run_python_offline, torch_bytes, van_training_checkpoint)
+from tests.helpers import (as_transformers_layout, efficientmod_training_checkpoint, lay_out_hub_cache, load_reference,
+                           odconv_training_checkpoint, perturbed, run_python_offline, torch_bytes,
+                           van_training_checkpoint)
 
 README = Path(__file__).parent.parent / 'README.md'
 SNIPPETS = re.findall(r'```python\n(.*?)```', README.read_text(encoding='utf-8'), re.S)
-SLOW = ('onnx',)  # snippets that export models: the slow tier
 
 
 @pytest.fixture(scope='module')
@@ -44,9 +44,8 @@ def test_the_readme_has_its_snippets():
     assert len(SNIPPETS) >= 8
 
 
-@pytest.mark.parametrize('index', [
-    pytest.param(i, marks=pytest.mark.slow) if any(word in snippet for word in SLOW) else i
-    for i, snippet in enumerate(SNIPPETS)])
+@pytest.mark.slow  # each snippet runs in a fresh interpreter
+@pytest.mark.parametrize('index', range(len(SNIPPETS)))
 def test_snippet_runs_as_written(workspace, index):
     result = run_python_offline(SNIPPETS[index], hub_cache=workspace / 'hub', cwd=workspace)
     assert result.returncode == 0, f'README snippet {index}:\n{SNIPPETS[index]}\n{result.stderr[-3000:]}'

@@ -13,7 +13,7 @@ from torch import nn
 import zoo
 from zoo.hub import export_hub_folder
 from zoo.layers import ODConv2d, XVolution2d
-from helpers import lay_out_hub_cache, relative_error, run_python_offline
+from tests.helpers import lay_out_hub_cache, relative_error, run_python_offline
 
 
 def _calibrated(model: nn.Module, size: int = 96) -> nn.Module:
@@ -217,6 +217,7 @@ with torch.no_grad():
 '''
 
 
+@pytest.mark.slow
 def test_xvolution_warm_start_loads_timm_resnet50_weights_from_the_hub_cache(tmp_path):
     """``xvolution_resnet50.a1_in1k``: timm's resnet50.a1_in1k weights in the convolution branches, so the model
     equals timm's resnet50 with those weights (offline: a Hub cache laid out on disk)."""

@@ -8,7 +8,7 @@ from torch import nn
 
 from zoo.layers import LargeKernelAttention, with_input_affine
 from zoo.models.van import VAN
-from helpers import load_reference, relative_error
+from tests.helpers import load_reference, relative_error
 
 
 def _official_van_b0() -> VAN:

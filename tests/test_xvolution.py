@@ -11,7 +11,7 @@ from timm.utils import reparameterize_model
 
 from zoo.convert import CheckpointMismatchError
 from zoo.layers import PixelShiftConv2d, XVolution2d, pixel_shift_products
-from helpers import calibrated_xvolution, lay_out_hub_cache, relative_error, run_python_offline
+from tests.helpers import calibrated_xvolution, lay_out_hub_cache, relative_error, run_python_offline
 
 
 def randomize_norms(module: nn.Module) -> nn.Module:

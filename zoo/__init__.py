@@ -5,12 +5,15 @@ reads the official checkpoints of its family through the conversion layer. Layer
 it::
 
     cli -> catalogue, hub, predict -> models (one file per family) -> convert (checkpoint layouts), layers (operators)
+
+and ``zoo.errors`` (the errors about what a user gave zoo) below them all.
 """
 from . import models
 from .convert import CheckpointError, read_checkpoint
+from .errors import ZooError
 from .layers import odconv_temperature, set_temperature
 from .models import replace_convs
 
 __version__ = '0.1.0'
-__all__ = ['CheckpointError', 'odconv_temperature', 'read_checkpoint', 'replace_convs', 'set_temperature',
+__all__ = ['CheckpointError', 'ZooError', 'odconv_temperature', 'read_checkpoint', 'replace_convs', 'set_temperature',
            '__version__']

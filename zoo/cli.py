@@ -1,13 +1,20 @@
 """The ``zoo`` command: argument parsing and output only; the work is done by the library (``zoo.catalogue``,
-``zoo.hub``, ``zoo.predict``, ``zoo.models``). A user error ends in one line on stderr and exit status 1, never a
-traceback."""
+``zoo.hub``, ``zoo.predict``, ``zoo.models``, ``zoo.finetune``).
+
+A user error (a :class:`~zoo.errors.ZooError`: a bad name, file, image, data folder or recipe) ends in one line on
+stderr and exit status 1. Any other exception is a bug in zoo: its traceback is shown, with where to report it, and
+the exit status is 2.
+"""
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, List, Optional
 
 from tqdm import tqdm
+
+from zoo.errors import ZooError
 
 EXAMPLES = """examples:
   zoo finetune                                       fine-tune on the embedded digits data set (CPU, minutes)
@@ -270,7 +277,6 @@ def build_parser() -> argparse.ArgumentParser:
                   '  zoo export od_resnet18 --checkpoint od_resnet18.pth.tar --out od_resnet18.onnx --img-size 256\n')
     sub.add_argument('model', help='MODEL[.TAG], hf-hub:ORG/NAME or local-dir:DIR')
     sub.add_argument('--out', required=True, type=Path, help='ONNX file to write')
-    sub.add_argument('--format', choices=['onnx'], default='onnx', help='export format (onnx)')
     sub.add_argument('--checkpoint', help='weights file to use instead of the published weights')
     sub.add_argument('--reparam', action='store_true', help='export the reparameterized (deploy) form')
     sub.add_argument('--dynamic-batch', action=argparse.BooleanOptionalAction, default=True,
@@ -349,15 +355,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_bug() -> int:
+    """The traceback of the exception being handled, and where to report it."""
+    traceback.print_exc()
+    print(f'zoo: this is a bug in zoo {_version()}, not a problem with what you gave it: please report it with the '
+          f'command you ran and the traceback above to {_bug_tracker()}', file=sys.stderr)
+    return 2
+
+
+def _bug_tracker() -> str:
+    """The issue tracker the installed package names, else where to find it."""
+    from importlib.metadata import PackageNotFoundError, metadata
+    try:
+        urls = metadata('zoo').get_all('Project-URL') or []
+    except PackageNotFoundError:
+        urls = []
+    issues = [url.split(',', 1)[1].strip() for url in urls if url.lower().startswith(('issues,', 'bug tracker,'))]
+    return issues[0] if issues else "the issue tracker of zoo's source repository"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except KeyboardInterrupt:
         return _fail('interrupted')
-    except Exception as e:  # a user-facing command: one line, no traceback
-        message = ' '.join(str(e).split()) or type(e).__name__
-        return _fail(message)
+    except ZooError as e:  # a problem with what the user gave: one line says what and what to do
+        return _fail(' '.join(str(e).split()))
+    except Exception:
+        return _report_bug()
 
 
 if __name__ == '__main__':

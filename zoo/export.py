@@ -10,13 +10,14 @@ from timm.utils import reparameterize_model
 from torch import nn
 
 from zoo._files import atomic_write
+from zoo.errors import ZooError
 
 __all__ = ['ExportError', 'OnnxExport', 'export_onnx']
 
 PathLike = Union[str, Path]
 
 
-class ExportError(ValueError):
+class ExportError(ZooError, ValueError):
     """An export that cannot be written or does not match PyTorch."""
 
 

@@ -23,6 +23,7 @@ from torch import nn
 import zoo
 from zoo._files import current_umask, file_sha256
 from zoo.convert import CheckpointMismatchError, check_state_dict
+from zoo.errors import ZooError
 from zoo.models import load_manifest, origin_source
 
 __all__ = [
@@ -35,7 +36,7 @@ _FOLDER_FILES = ('config.json', 'model.safetensors', 'README.md')
 _REPO_PLACEHOLDER = 'ORG/NAME'
 
 
-class HubFolderError(ValueError):
+class HubFolderError(ZooError, ValueError):
     """A Hub folder that cannot be written, or that is not a valid zoo export."""
 
 

@@ -20,6 +20,7 @@ import torch
 
 from zoo._files import file_sha256
 from zoo.convert import CheckpointError
+from zoo.errors import ZooError
 from zoo.hub import HubFolderError, export_hub_folder, publish_hub_folder
 from zoo.models import MANIFEST_PATH, create_model_from_checkpoint, load_manifest, mirror_repo, origin_source, \
     pick_checkpoint, update_manifest
@@ -30,7 +31,7 @@ PathLike = Union[str, Path]
 _PROBE_SEED = 0
 
 
-class MirrorError(ValueError):
+class MirrorError(ZooError, ValueError):
     """A tag that cannot be mirrored: its original is missing, differs from the manifest, or does not convert."""
 
 
@@ -174,7 +175,11 @@ def mirror_tags(tags: Optional[Sequence[str]], out_dir: PathLike, originals: Opt
     base = Path(originals if originals is not None else download_to)
     for tag in tags:
         if download_to is not None:
-            _download_original(tag, base / tag, manifest)
+            try:
+                _download_original(tag, base / tag, manifest)
+            except Exception as e:  # huggingface_hub and gdown report network faults and refusals with many types
+                raise MirrorError(f'{tag}: cannot download {origin_source(tag, manifest).describe()} '
+                                  f'({type(e).__name__}: {" ".join(str(e).split())[:300]})') from e
         try:
             yield mirror_tag(tag, base, Path(out_dir), dry_run=dry_run, manifest=manifest)
         except (CheckpointError, HubFolderError) as e:

@@ -2,13 +2,13 @@
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
-import timm
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from torch import nn
 
-from zoo.models import create_model_from_checkpoint, resolve_model_name
+from zoo.errors import ImageFileError, UsageError
+from zoo.models import create_model_from_checkpoint, create_pretrained_model, resolve_model_name
 
 __all__ = ['class_names', 'classify_images', 'load_image', 'load_model']
 
@@ -16,17 +16,18 @@ Prediction = List[Tuple[str, float]]  # (label, probability), best first
 
 
 def load_image(path: Union[str, Path]) -> Image.Image:
-    """An image file as RGB; ``ValueError`` naming the file if it is missing or not an image."""
+    """An image file as RGB; an ImageFileError naming the file if it is missing or not an image."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f'{path} is a folder: give image files (`zoo evaluate MODEL --data FOLDER` scores a folder)')
+        raise ImageFileError(f'{path} is a folder: give image files (`zoo evaluate MODEL --data FOLDER` scores a '
+                             f'folder)')
     if not path.is_file():
-        raise ValueError(f'{path}: no such image file')
+        raise ImageFileError(f'{path}: no such image file')
     try:
         with Image.open(path) as image:
             return image.convert('RGB')
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f'{path}: not a readable image ({e.__class__.__name__})') from e
+        raise ImageFileError(f'{path}: not a readable image ({e.__class__.__name__})') from e
 
 
 def load_model(name: str, checkpoint: Optional[Union[str, Path]] = None) -> nn.Module:
@@ -34,12 +35,12 @@ def load_model(name: str, checkpoint: Optional[Union[str, Path]] = None) -> nn.M
     ``checkpoint``, a checkpoint file's (keeping its classes); or an ``hf-hub:`` / ``local-dir:`` model."""
     hub_or_folder = name.startswith(('hf-hub:', 'local-dir:'))
     if checkpoint and hub_or_folder:
-        raise ValueError('--checkpoint goes with a model name (MODEL[.TAG]), not with hf-hub: or local-dir:')
+        raise UsageError('--checkpoint goes with a model name (MODEL[.TAG]), not with hf-hub: or local-dir:')
     if not hub_or_folder:
         resolve_model_name(name)
     if checkpoint:
         return create_model_from_checkpoint(name, checkpoint).eval()
-    return timm.create_model(name, pretrained=True).eval()
+    return create_pretrained_model(name).eval()
 
 
 def class_names(model: nn.Module) -> List[str]:

@@ -53,6 +53,10 @@ class SourceLayout:
     def matches(self, keys: Iterable[str]) -> bool:
         return any(re.fullmatch(self.marker, k) for k in keys)
 
+    def converts(self, state_dict: Mapping[str, torch.Tensor]) -> bool:
+        """Whether converting ``state_dict`` changes anything (a zoo layout's state dict converts to itself)."""
+        return self.onto_model is not None or bool(self.added) or list(self.rename(state_dict)) != list(state_dict)
+
     def rename(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """``state_dict`` with zoo's keys: every key renamed by the rules, the dropped ones left out."""
         out = {}
@@ -222,18 +226,21 @@ class CheckpointLayouts:
         weight = state_dict.get(f'{classifier}.weight')
         return None if weight is None else weight.shape[0]
 
-    def load_state_dict_pre_hook(self, module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any,
-                                 **kwargs: Any) -> None:
-        """A ``register_load_state_dict_pre_hook`` hook: a state dict in another layout of the family, loaded into
-        the whole model (timm's ``load_checkpoint`` / ``checkpoint_path=``, or ``load_state_dict``), is converted
-        first. A state dict of the model's own keys, or one whose layout is not recognised, is left as it is."""
+    def refuse_foreign_layout(self, module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        """A ``register_load_state_dict_pre_hook`` hook that converts nothing: ``load_state_dict`` loads a model's own
+        keys only, as in timm (and as a resume must: it restores exactly what was saved). A state dict in another
+        published layout of the family is refused with an error naming the layout and the call that converts it;
+        any other mismatch is left to ``load_state_dict``'s own message."""
         if prefix or set(state_dict) <= set(module.state_dict()):
             return
-        if not any(layout.matches(state_dict) for layout in self.layouts):
-            return  # no layout of the family: load_state_dict names the keys itself
-        converted = self.convert(dict(state_dict), module)
-        state_dict.clear()
-        state_dict.update(converted)
+        layout = next((layout for layout in self.layouts if layout.matches(state_dict)), None)
+        if layout is None or not layout.converts(state_dict):
+            return
+        raise CheckpointError(
+            f'this state dict is in the {layout.name} layout of {self.family} checkpoints, which load_state_dict '
+            f'does not convert: create the model from the file with zoo.models.create_model_from_checkpoint(MODEL, '
+            f'PATH), or timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))')
 
     def _renamed(self, checkpoint: Mapping[str, Any], use_ema: bool) -> Tuple[SourceLayout, Dict[str, torch.Tensor]]:
         state_dict = unwrap_state_dict(checkpoint, use_ema=use_ema)

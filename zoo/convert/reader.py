@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Union
 import torch
 from safetensors.torch import load_file
 
+from zoo.errors import ZooError
+
 __all__ = ['CheckpointError', 'read_checkpoint', 'SAFE_GLOBALS']
 
 # globals a real training checkpoint may hold beside its tensors, and that are harmless to construct
@@ -25,7 +27,7 @@ SAFE_GLOBALS = (argparse.Namespace,)
 _HARMLESS_MODULES = ('torch.', 'collections.OrderedDict', 'argparse.Namespace', '_codecs.encode', 'builtins.set')
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ZooError, ValueError):
     """A checkpoint that cannot be used: unreadable, unsafe, or not of the expected model."""
 
 

@@ -17,6 +17,8 @@ from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import Dataset
 
+from zoo.errors import ZooError
+
 __all__ = ['DataError', 'FolderSplit', 'ImageFiles', 'read_image_folder', 'transforms_for']
 
 _logger = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ _VAL_NAMES = ('val', 'validation')
 Sample = Tuple[Path, int]
 
 
-class DataError(ValueError):
+class DataError(ZooError, ValueError):
     """A data folder that cannot be used for training or evaluation."""
 
 

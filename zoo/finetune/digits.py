@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .data import DataError
+
 __all__ = ['digits_folder']
 
 _SIZE = 32
@@ -21,7 +23,7 @@ def digits_folder(root: Path = None) -> Path:
     """The digits as ``ROOT/digits/{0..9}/NNNN.png`` (made on first use, in a temporary folder renamed into place).
 
     Raises:
-        RuntimeError: scikit-learn, which ships the digits, is not installed.
+        DataError: scikit-learn, which ships the digits, is not installed.
     """
     folder = (root or _cache_root()) / 'digits'
     if folder.is_dir():
@@ -29,7 +31,7 @@ def digits_folder(root: Path = None) -> Path:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise RuntimeError('the embedded digits data set comes with scikit-learn: pip install scikit-learn, or '
+        raise DataError('the embedded digits data set comes with scikit-learn: pip install scikit-learn, or '
                            'pass --data FOLDER') from e
     digits = load_digits()
     folder.parent.mkdir(parents=True, exist_ok=True)

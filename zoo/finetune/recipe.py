@@ -11,10 +11,12 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import yaml
 
+from zoo.errors import ZooError
+
 __all__ = ['DIGITS_DEFAULTS', 'Recipe', 'RecipeError', 'load_recipe_file', 'recipe_for_run', 'resolve_recipe']
 
 
-class RecipeError(ValueError):
+class RecipeError(ZooError, ValueError):
     """A recipe file or setting that cannot be used."""
 
 

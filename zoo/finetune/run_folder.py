@@ -12,24 +12,38 @@ interrupted run never leaves a half-written file.
 import csv
 import io
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 import torch
 import yaml
+from torch import nn
 
 from zoo._files import atomic_write
 from zoo.convert import read_checkpoint
+from zoo.errors import ZooError
+from zoo.hub import export_hub_folder
 from .evaluate import Evaluation
 
-__all__ = ['RunFolder', 'RunFolderError']
+__all__ = ['ModelCard', 'RunFolder', 'RunFolderError']
 
 METRIC_COLUMNS = ('epoch', 'train_loss', 'val_loss', 'val_top1', 'val_top5', 'lr', 'temperature', 'train_img_s',
                   'seconds')
 
 
-class RunFolderError(ValueError):
+class RunFolderError(ZooError, ValueError):
     """A run folder that cannot be started, replaced or resumed."""
+
+
+@dataclass
+class ModelCard:
+    """What the model cards of ``best/`` and ``last/`` state about the run, besides the epoch and its validation."""
+    data: str  # the data set, in words
+    classes: List[str]
+    start: str  # where the weights started from
+    recipe: Dict[str, Any]
+    data_config: Dict[str, Any]  # timm's preprocessing of the run (resolve_data_config)
 
 
 class RunFolder:
@@ -94,6 +108,27 @@ class RunFolder:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write(self.path / 'metrics.csv', lambda tmp: tmp.write_text(text.getvalue()))
+
+    def write_epoch(self, rows: Sequence[Dict[str, float]], model: nn.Module, evaluation: Evaluation, improved: bool,
+                    card: ModelCard, state: Dict[str, Any]) -> None:
+        """What a finished epoch changes: metrics.csv, curves.png and last/; best/ and confusion.png when it
+        ``improved``; then state.pth, last, so that a resume never starts from a state newer than the exports."""
+        epoch = int(rows[-1]['epoch'])
+        self.write_metrics(rows)
+        self.plot_curves(rows)
+        self.export('last', model, evaluation, epoch, card)
+        if improved:
+            self.export('best', model, evaluation, epoch, card)
+            self.plot_confusion(evaluation, card.classes)
+        self.save_state(state)
+
+    def export(self, name: str, model: nn.Module, evaluation: Evaluation, epoch: int, card: ModelCard) -> None:
+        """``model`` as the Hub folder RUN/``name``, its card stating the run and the validation at ``epoch``."""
+        finetuned = dict(data=card.data, classes=card.classes, epoch=epoch, val_top1=evaluation.top1,
+                         val_top5=evaluation.top5, val_images=evaluation.count, start=card.start, recipe=card.recipe,
+                         img_size=card.data_config['input_size'][-1])
+        export_hub_folder(model, self.path / name, force=True, label_names=card.classes, data_config=card.data_config,
+                          finetuned=finetuned)
 
     def plot_curves(self, rows: Sequence[Dict[str, float]]) -> None:
         """Training and validation loss, validation top-1 per epoch, as curves.png."""

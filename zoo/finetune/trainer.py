@@ -1,4 +1,4 @@
-"""The fine-tuning loop, on timm's factories and PyTorch's distributed engine.
+"""The fine-tuning loop, in the shape of timm's ``train.py``, on timm's factories and PyTorch's distributed engine.
 
 Model (``timm.create_model`` / ``create_model_from_checkpoint``, new head sized from the data), transforms
 (``timm.data.create_transform`` from the model's pretrained cfg), optimizer and warmup + cosine schedule
@@ -8,8 +8,14 @@ mixed precision (``torch.autocast``, a GradScaler for float16), ``torch.compile`
 torchrun. ODConv models anneal their attention temperature (30 -> 1 over the first 10 epochs, per iteration) only when
 their ODConv layers start untrained; validation and exports always run at temperature 1, the inference one.
 
-Each epoch starts from RNG seeds derived from (seed, epoch, rank), so ``--resume`` from the state saved at the end of
-an epoch continues exactly as the uninterrupted run would have.
+One job per object: :class:`TrainingState` is what a run has learned (model, optimizer, scheduler, scaler, EMA, epoch,
+best result, seed) and what ``--resume`` restores; :func:`train_one_epoch` and :func:`validate` are the loop;
+:class:`~zoo.finetune.run_folder.RunFolder` writes the outputs; :func:`prepare_run` sets a :class:`Run` up (data,
+transforms, model, state) for them.
+
+Randomness: every epoch draws from RNGs seeded by (seed, epoch, rank) at its start (:func:`seed_epoch`), so a run
+resumed from the state saved at the end of an epoch continues exactly as the uninterrupted run would have, on every
+process. The global RNGs the run seeds are restored when :func:`finetune` returns.
 """
 import contextlib
 import logging
@@ -17,8 +23,9 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import timm
@@ -28,26 +35,28 @@ from timm.data import Mixup, resolve_data_config
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from zoo.hub import export_hub_folder
 from zoo.layers import ODConv2d, odconv_temperature, set_temperature
-from zoo.models import check_timm_model_name, create_model_from_checkpoint, replace_convs
-from .data import ImageFiles, read_image_folder, transforms_for
+from zoo.models import check_timm_model_name, create_model_from_checkpoint, create_pretrained_model, replace_convs
+from .data import FolderSplit, ImageFiles, read_image_folder, transforms_for
 from .digits import digits_folder
 from .distributed import Processes, join_processes, leave_processes, sum_over_processes
 from .evaluate import Evaluation, evaluate
 from .recipe import Recipe, RecipeError
-from .run_folder import RunFolder, RunFolderError
+from .run_folder import ModelCard, RunFolder, RunFolderError
 
-__all__ = ['FinetuneResult', 'finetune']
+__all__ = ['FinetuneResult', 'Run', 'TrainingState', 'finetune', 'prepare_run', 'seed_epoch', 'train_loader',
+           'train_one_epoch', 'updates_per_epoch', 'validate']
 
 _logger = logging.getLogger(__name__)
 _AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+DIGITS_NAME = "scikit-learn's handwritten digits (8x8 scans, shown at 32 x 32)"
 
 
 @dataclass
@@ -61,20 +70,119 @@ class FinetuneResult:
     stopped_early: bool
 
 
-def _seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
-    """Seed every RNG for ``epoch`` of process ``rank``; the DataLoader's generator (shuffle, worker seeds)."""
+@dataclass
+class TrainingState:
+    """Everything a run has learned and counted so far: what ``state.pth`` holds and ``--resume`` restores.
+
+    ``epoch`` counts the finished epochs; the RNGs of the next one derive from (``seed``, ``epoch``, rank).
+    """
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    scaler: Optional[torch.amp.GradScaler]
+    ema: Optional[ModelEmaV3]
+    model_name: str
+    classes: List[str]
+    seed: int
+    epoch: int = 0
+    best_epoch: int = 0
+    best: Optional[Evaluation] = None
+
+    @property
+    def deployed_model(self) -> nn.Module:
+        """The weights that are validated and exported: the EMA ones where EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def record(self, evaluation: Evaluation) -> bool:
+        """Count a finished epoch and its validation; whether it is the best so far."""
+        self.epoch += 1
+        improved = self.best is None or evaluation.top1 > self.best.top1
+        if improved:
+            self.best, self.best_epoch = evaluation, self.epoch
+        return improved
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict(), 'scaler': self.scaler.state_dict() if self.scaler else None,
+            'ema': self.ema.module.state_dict() if self.ema else None, 'epoch': self.epoch,
+            'best_epoch': self.best_epoch, 'best': vars(self.best) if self.best else None,
+            'classes': self.classes, 'model_name': self.model_name, 'seed': self.seed,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a saved state; its weights are loaded as saved (in this model's own layout, never converted)."""
+        if (state['model_name'], state['classes'], state['seed']) != (self.model_name, self.classes, self.seed):
+            raise RunFolderError(f'the saved state is of {state["model_name"]} on classes '
+                                 f'{", ".join(state["classes"][:5])}... with seed {state["seed"]}: it cannot be '
+                                 f'resumed as {self.model_name} on these data with seed {self.seed}')
+        self.model.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        if self.scaler and state['scaler']:
+            self.scaler.load_state_dict(state['scaler'])
+        if self.ema is not None and state['ema']:
+            self.ema.module.load_state_dict(state['ema'])
+        self.epoch, self.best_epoch = state['epoch'], state['best_epoch']
+        self.best = Evaluation(**state['best']) if state['best'] else None
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """Seed the global RNGs (torch, random, numpy: timm's transforms and Mixup draw from them) for ``epoch`` of
+    process ``rank``; returns the training loader's generator (its order and worker seeds), seeded alike."""
     value = (seed * 1_000_003 + epoch * 101 + rank) % 2 ** 32
     torch.manual_seed(value)
     random.seed(value)
-    np.random.seed(value)  # timm's Mixup draws from numpy
+    np.random.seed(value)
     return torch.Generator().manual_seed(value)
 
 
-def _default_output(recipe: Recipe) -> Path:
-    model = recipe.model.split(':')[-1].replace('/', '-')
-    data = Path(recipe.data).resolve().name if recipe.data else 'digits'
-    return Path('runs') / f'{model}-{data}'
+@contextlib.contextmanager
+def _global_rngs_kept() -> Iterator[None]:
+    """The caller's RNG states (torch's, CUDA's included, random's and numpy's), restored on exit."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
 
+
+# data -----------------------------------------------------------------------------------------------------------------
+
+def _drops_last(per_process: int, batch_size: int) -> bool:
+    # a last batch of one image cannot be normalised by BatchNorm in training: it is left out, a batch of one is not
+    return per_process % batch_size == 1 and per_process > 1
+
+
+def updates_per_epoch(images: int, batch_size: int, accumulate: int, world_size: int = 1) -> int:
+    """Optimizer steps in an epoch of ``images`` training images shared by ``world_size`` processes."""
+    per_process = math.ceil(images / world_size)  # DistributedSampler pads every share to the same length
+    drop_last = _drops_last(per_process, batch_size)
+    batches = per_process // batch_size if drop_last else math.ceil(per_process / batch_size)
+    return math.ceil(batches / accumulate)
+
+
+def train_loader(dataset: Dataset, batch_size: int, workers: int, processes: Processes, epoch: int,
+                 generator: torch.Generator, seed: int) -> DataLoader:
+    """This process's shuffled share of ``dataset`` for ``epoch``, in batches."""
+    rank, world_size = processes.rank, processes.world_size
+    sampler = None
+    if processes.distributed:
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+    drop_last = _drops_last(math.ceil(len(dataset) / world_size), batch_size)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, num_workers=workers,
+                      generator=generator, drop_last=drop_last, pin_memory=processes.device.type == 'cuda')
+
+
+def _val_loader(dataset: Dataset, batch_size: int, workers: int, processes: Processes) -> DataLoader:
+    shard = Subset(dataset, range(processes.rank, len(dataset), processes.world_size))  # each image scored once
+    return DataLoader(shard, batch_size=batch_size, num_workers=workers)
+
+
+# model and state ------------------------------------------------------------------------------------------------------
 
 def _build_model(recipe: Recipe, num_classes: int) -> Tuple[nn.Module, bool, str]:
     """The model with a head for ``num_classes``, whether its ODConv layers (if any) start trained, and where its
@@ -87,7 +195,8 @@ def _build_model(recipe: Recipe, num_classes: int) -> Tuple[nn.Module, bool, str
         model, loaded, start = create_model_from_checkpoint(recipe.model, recipe.checkpoint, **kwargs), True, \
             recipe.checkpoint
     else:
-        model, loaded = timm.create_model(recipe.model, pretrained=recipe.pretrained, **kwargs), recipe.pretrained
+        create = create_pretrained_model if recipe.pretrained else partial(timm.create_model, pretrained=False)
+        model, loaded = create(recipe.model, **kwargs), recipe.pretrained
         start = f'{recipe.model} pretrained weights' if recipe.pretrained else 'random initialisation'
     if recipe.convert:
         include = recipe.convert_include.split(',') if recipe.convert_include else None
@@ -113,228 +222,138 @@ def _amp(recipe: Recipe, device: torch.device) -> Tuple[Optional[torch.dtype], O
     return dtype, torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
-class _Run:
-    """One fine-tuning run in one process (rank 0 of several, or alone)."""
+def _training_state(recipe: Recipe, model: nn.Module, classes: List[str], updates: int,
+                    scaler: Optional[torch.amp.GradScaler]) -> TrainingState:
+    optimizer = create_optimizer_v2(model, opt=recipe.opt, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                    layer_decay=recipe.layer_decay)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=recipe.sched, num_epochs=recipe.epochs, warmup_epochs=recipe.warmup_epochs,
+        warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr, step_on_epochs=False, updates_per_epoch=updates)
+    ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema_decay else None
+    return TrainingState(model, optimizer, scheduler, scaler, ema, recipe.model, classes, recipe.seed)
 
-    def __init__(self, recipe: Recipe, processes: Processes, folder: RunFolder, data: Path) -> None:
-        self.recipe, self.processes, self.folder = recipe, processes, folder
-        self.split = read_image_folder(data, recipe.val_fraction, seed=recipe.seed, workers=recipe.workers)
-        torch.manual_seed(recipe.seed)  # the initial weights
-        self.data_name = recipe.data or "scikit-learn's handwritten digits (8x8 scans, shown at 32 x 32)"
-        self.model, loaded, self.start = _build_model(recipe, len(self.split.classes))
-        self.anneal = _anneals_temperature(recipe, self.model, loaded)
-        device = processes.device
-        self.model.to(device)
+
+def _wrapped(model: nn.Module, recipe: Recipe, processes: Processes) -> nn.Module:
+    """The module the training steps run: DDP (and SyncBatchNorm) across processes, then torch.compile."""
+    if processes.distributed:
+        if recipe.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device_ids = [processes.device.index] if processes.device.type == 'cuda' else None
+        model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    # static shapes (a graph for the full batches, one for the last): torch 2.14's dynamic-shape backward compile
+    # fails once the image size is symbolic too, which any earlier compile in the process may have caused
+    return torch.compile(model, dynamic=False) if recipe.compile else model
+
+
+def _loss_fn(recipe: Recipe, mixup: Optional[Mixup]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if mixup is not None:  # mixed targets carry the label smoothing
+        return SoftTargetCrossEntropy()
+    return partial(F.cross_entropy, label_smoothing=recipe.label_smoothing)
+
+
+# the loop -------------------------------------------------------------------------------------------------------------
+
+def _step(state: TrainingState, recipe: Recipe, num_updates: int) -> None:
+    """One optimizer step (after unscaling and clipping), then the EMA and the lr schedule follow."""
+    if state.scaler:
+        state.scaler.unscale_(state.optimizer)
+    if recipe.clip_grad:
+        parameters = [p for p in state.model.parameters() if p.requires_grad]
+        dispatch_clip_grad(parameters, recipe.clip_grad, mode=recipe.clip_mode)
+    if state.scaler:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.update(state.model, step=num_updates)
+    state.scheduler.step_update(num_updates)
+
+
+def train_one_epoch(state: TrainingState, train_model: nn.Module, loader: DataLoader, recipe: Recipe,
+                    processes: Processes, mixup: Optional[Mixup] = None, amp_dtype: Optional[torch.dtype] = None,
+                    temperature: Optional[Callable[[float], float]] = None,
+                    show_every: int = 20) -> Tuple[float, float]:
+    """Train ``state.model`` through ``train_model`` (itself, or its DDP / compiled wrapper) for epoch
+    ``state.epoch`` on ``loader``.
+
+    ``temperature(progress in epochs)`` sets the ODConv attention temperature before each step where given. The loss
+    is summed on the device; the progress bar (main process, on a terminal) reads it every ``show_every`` steps.
+
+    Returns:
+        The mean training loss over every process's images, and the images per second of all processes together.
+    """
+    device, epoch, steps = processes.device, state.epoch, len(loader)
+    updates = math.ceil(steps / recipe.accumulate)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    loss_fn = _loss_fn(recipe, mixup)
+    train_model.train()
+    if recipe.freeze_backbone:  # a linear probe: the backbone's BatchNorm statistics stay as they are
+        state.model.eval()
+        state.model.get_classifier().train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    hits = torch.zeros((), dtype=torch.long, device=device)
+    count, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{recipe.epochs}', unit='batch', leave=False,
+               disable=not processes.is_main or None)
+    for i, (images, targets) in enumerate(bar):
+        step_now = (i + 1) % recipe.accumulate == 0 or i + 1 == steps
+        if temperature is not None:
+            set_temperature(state.model, temperature(epoch + i / steps))
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if recipe.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if recipe.freeze_backbone:
-            self.model.requires_grad_(False)
-            self.model.get_classifier().requires_grad_(True)
-        input_size = (3, recipe.img_size, recipe.img_size) if recipe.img_size else None
-        self.data_config = resolve_data_config(args=dict(input_size=input_size) if input_size else {},
-                                               model=self.model)
-        self.amp_dtype, self.scaler = _amp(recipe, device)
-        self.train_set, self.val_set = self._datasets()
-        self.steps_per_epoch = math.ceil(len(self._train_loader(0)) / recipe.accumulate)
-        self.optimizer = create_optimizer_v2(self.model, opt=recipe.opt, lr=recipe.lr,
-                                             weight_decay=recipe.weight_decay, layer_decay=recipe.layer_decay)
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=recipe.sched, num_epochs=recipe.epochs, warmup_epochs=recipe.warmup_epochs,
-            warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr, step_on_epochs=False,
-            updates_per_epoch=self.steps_per_epoch)
-        self.ema = ModelEmaV3(self.model, decay=recipe.ema_decay) if recipe.ema_decay else None
-        self.mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix,
-                           label_smoothing=recipe.label_smoothing, num_classes=len(self.split.classes)) \
-            if recipe.mixup > 0 or recipe.cutmix > 0 else None
-        self.train_model = self._wrapped(self.model)
-        self.epoch, self.best_epoch, self.best, self.rows = 0, 0, None, []
+            images = images.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        # gradients are all-reduced only on the micro-batch that steps the optimizer
+        sync = train_model.no_sync() if processes.distributed and not step_now else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                logits = train_model(images)
+                loss = loss_fn(logits, targets)
+            (state.scaler.scale(loss) if state.scaler else loss).div(recipe.accumulate).backward()
+        if step_now:
+            _step(state, recipe, epoch * updates + i // recipe.accumulate + 1)
+        loss_sum += loss.detach().double() * len(images)
+        if mixup is None:  # mixed targets have no accuracy
+            hits += (logits.detach().argmax(1) == targets).sum()
+        count += len(images)
+        if not bar.disable and ((i + 1) % show_every == 0 or i + 1 == steps):
+            bar.set_postfix(_progress(loss_sum, hits, count, start, state, mixup is None,
+                                      temperature(epoch + i / steps) if temperature else None), refresh=False)
+    seconds = time.perf_counter() - start
+    total = sum_over_processes(torch.stack([loss_sum, torch.tensor(count, dtype=torch.float64, device=device)]),
+                               device)
+    return (total[0] / total[1]).item(), count * processes.world_size / seconds
 
-    def _wrapped(self, model: nn.Module) -> nn.Module:
-        """The module the training steps run: DDP (and SyncBatchNorm) across processes, then torch.compile."""
-        if self.processes.distributed:
-            if self.recipe.sync_bn:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            device_ids = [self.processes.device.index] if self.processes.device.type == 'cuda' else None
-            model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
-        # static shapes (a graph for the full batches, one for the last): torch 2.14's dynamic-shape backward compile
-        # fails once the image size is symbolic too, which any earlier compile in the process may have caused
-        return torch.compile(model, dynamic=False) if self.recipe.compile else model
 
-    def _datasets(self) -> Tuple[ImageFiles, ImageFiles]:
-        train_tf, val_tf = transforms_for(self.data_config, self.recipe.hflip, self.recipe.scale,
-                                          self.recipe.randaugment)
-        return ImageFiles(self.split.train, train_tf), ImageFiles(self.split.val, val_tf)
+def _progress(loss_sum: torch.Tensor, hits: torch.Tensor, count: int, start: float, state: TrainingState,
+              has_accuracy: bool, temperature: Optional[float]) -> Dict[str, str]:
+    """The progress bar's figures (reading the device's sums waits for it: done every few steps)."""
+    status = dict(loss=f'{loss_sum.item() / count:.3f}', img_s=f'{count / (time.perf_counter() - start):.0f}',
+                  lr=f'{state.optimizer.param_groups[0]["lr"]:.2e}')
+    if has_accuracy:
+        status['acc'] = f'{100 * hits.item() / count:.1f}%'
+    if temperature is not None:
+        status['T'] = f'{temperature:.2f}'
+    return status
 
-    def _train_loader(self, epoch: int) -> DataLoader:
-        rank, world_size = self.processes.rank, self.processes.world_size
-        generator = _seed_epoch(self.recipe.seed, epoch, rank)
-        sampler = None
-        if self.processes.distributed:
-            sampler = DistributedSampler(self.train_set, world_size, rank, shuffle=True, seed=self.recipe.seed)
-            sampler.set_epoch(epoch)
-        per_process = math.ceil(len(self.train_set) / world_size)
-        # a last batch of one image cannot be normalised by BatchNorm in training: it is left out, a batch of one is not
-        drop_last = per_process % self.recipe.batch_size == 1 and per_process > 1
-        return DataLoader(self.train_set, batch_size=self.recipe.batch_size, shuffle=sampler is None, sampler=sampler,
-                          num_workers=self.recipe.workers, generator=generator, drop_last=drop_last,
-                          pin_memory=self.processes.device.type == 'cuda', persistent_workers=False)
 
-    def _val_loader(self) -> DataLoader:
-        rank, world_size = self.processes.rank, self.processes.world_size
-        shard = Subset(self.val_set, range(rank, len(self.val_set), world_size))  # each image scored once
-        return DataLoader(shard, batch_size=self.recipe.batch_size, num_workers=self.recipe.workers)
+def validate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+             amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False) -> Evaluation:
+    """``model``'s loss, top-1 / top-5 and confusion on ``loader`` (summed over the processes) at ODConv
+    temperature 1, the inference temperature the exports run at."""
+    set_temperature(model, 1.0)
+    return evaluate(model, loader, torch.arange(num_classes), device, amp_dtype, channels_last)
 
-    # training -----------------------------------------------------------------------------------------------------
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.mixup is not None:
-            return SoftTargetCrossEntropy()(logits, targets)
-        return F.cross_entropy(logits, targets, label_smoothing=self.recipe.label_smoothing)
+# a run ----------------------------------------------------------------------------------------------------------------
 
-    def _set_train_mode(self) -> None:
-        self.train_model.train()
-        if self.recipe.freeze_backbone:  # a linear probe: the backbone's BatchNorm statistics stay as they are
-            self.model.eval()
-            self.model.get_classifier().train()
-
-    def _temperature(self, progress: float) -> float:
-        if not self.anneal:
-            return 1.0
-        return odconv_temperature(progress, self.recipe.temperature_initial, 1.0, self.recipe.temperature_epochs)
-
-    def train_epoch(self, epoch: int) -> Tuple[float, float]:
-        """One epoch; returns the mean training loss (over every process) and the images per second."""
-        loader = self._train_loader(epoch)
-        device, recipe = self.processes.device, self.recipe
-        autocast = torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-        self._set_train_mode()
-        # the loss is summed where it is computed: reading it every step would wait for the GPU every step
-        loss_sum, count, hits, start = torch.zeros((), dtype=torch.float64, device=device), 0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{recipe.epochs}', unit='batch', leave=False,
-                   disable=not self.processes.is_main or None)
-        for i, (images, targets) in enumerate(bar):
-            step_now = (i + 1) % recipe.accumulate == 0 or i + 1 == len(loader)
-            temperature = self._temperature(epoch + i / len(loader))
-            if self.anneal:
-                set_temperature(self.model, temperature)
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if recipe.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if self.mixup is not None:
-                images, targets = self.mixup(images, targets)
-            # gradients are all-reduced only on the micro-batch that steps the optimizer
-            accumulating = self.processes.distributed and not step_now
-            sync = self.train_model.no_sync() if accumulating else contextlib.nullcontext()
-            with sync:
-                with autocast:
-                    logits = self.train_model(images)
-                    loss = self._loss(logits, targets)
-                (self.scaler.scale(loss) if self.scaler else loss).div(recipe.accumulate).backward()
-            if step_now:
-                self._step(epoch * self.steps_per_epoch + i // recipe.accumulate + 1)
-            loss_sum += loss.detach().double() * len(images)
-            count += len(images)
-            if bar.disable:
-                continue
-            status = dict(loss=f'{loss_sum.item() / count:.3f}', img_s=f'{count / (time.perf_counter() - start):.0f}',
-                          lr=f'{self.optimizer.param_groups[0]["lr"]:.2e}')
-            if self.mixup is None:  # mixed targets have no accuracy
-                hits += (logits.argmax(1) == targets).sum().item()
-                status['acc'] = f'{100 * hits / count:.1f}%'
-            if self.anneal:
-                status['T'] = f'{temperature:.2f}'
-            bar.set_postfix(status, refresh=False)
-        seconds = time.perf_counter() - start
-        total = sum_over_processes(torch.stack([loss_sum, torch.tensor(count, dtype=torch.float64, device=device)]),
-                                   device)
-        return (total[0] / total[1]).item(), count * self.processes.world_size / seconds
-
-    def _step(self, num_updates: int) -> None:
-        """One optimizer step (after unscaling and clipping), then the EMA and the lr schedule follow."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.recipe.clip_grad:
-            parameters = [p for p in self.model.parameters() if p.requires_grad]
-            dispatch_clip_grad(parameters, self.recipe.clip_grad, mode=self.recipe.clip_mode)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model, step=num_updates)
-        self.scheduler.step_update(num_updates)
-
-    # validation, saving ---------------------------------------------------------------------------------------------
-
-    def deployed_model(self) -> nn.Module:
-        """The weights that are validated and exported: the EMA ones where EMA is on."""
-        return self.ema.module if self.ema is not None else self.model
-
-    def validate(self) -> Evaluation:
-        model = self.deployed_model()
-        set_temperature(model, 1.0)  # the inference temperature, which exports run at
-        evaluation = evaluate(model, self._val_loader(), torch.arange(len(self.split.classes)),
-                              self.processes.device, self.amp_dtype, self.recipe.channels_last)
-        return evaluation
-
-    def state(self) -> Dict[str, Any]:
-        return {
-            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-            'scheduler': self.scheduler.state_dict(), 'scaler': self.scaler.state_dict() if self.scaler else None,
-            'ema': self.ema.module.state_dict() if self.ema else None, 'epoch': self.epoch,
-            'best_epoch': self.best_epoch, 'best': vars(self.best) if self.best else None,
-            'classes': self.split.classes, 'model_name': self.recipe.model, 'seed': self.recipe.seed,
-        }
-
-    def load_state(self, state: Dict[str, Any]) -> None:
-        if state['model_name'] != self.recipe.model or state['classes'] != self.split.classes:
-            raise RunFolderError(f'{self.folder.path} is a run of {state["model_name"]} on classes '
-                                 f'{", ".join(state["classes"][:5])}...: it cannot be resumed with {self.recipe.model} '
-                                 f'on these data')
-        self.model.load_state_dict(state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
-        if self.scaler and state['scaler']:
-            self.scaler.load_state_dict(state['scaler'])
-        if self.ema is not None and state['ema']:
-            self.ema.module.load_state_dict(state['ema'])
-        self.epoch, self.best_epoch = state['epoch'], state['best_epoch']
-        self.best = Evaluation(**state['best']) if state['best'] else None
-        self.rows = self.folder.metrics()[:self.epoch]
-
-    def export(self, name: str, evaluation: Evaluation, epoch: int) -> None:
-        finetuned = dict(
-            data=self.data_name, classes=self.split.classes, epoch=epoch, val_top1=evaluation.top1,
-            val_top5=evaluation.top5, val_images=evaluation.count, start=self.start, recipe=self.recipe.to_dict(),
-            img_size=self.data_config['input_size'][-1])
-        export_hub_folder(self.deployed_model(), self.folder.path / name, force=True, label_names=self.split.classes,
-                          data_config=self.data_config, finetuned=finetuned)
-
-    def end_epoch(self, epoch: int, train_loss: float, img_s: float, evaluation: Evaluation, seconds: float) -> None:
-        """Record the epoch; on rank 0 write metrics, plots, last/, best/ (when better) and the training state."""
-        self.epoch = epoch + 1
-        improved = self.best is None or evaluation.top1 > self.best.top1
-        if improved:
-            self.best, self.best_epoch = evaluation, self.epoch
-        self.rows.append(dict(epoch=self.epoch, train_loss=train_loss, val_loss=evaluation.loss,
-                              val_top1=evaluation.top1, val_top5=evaluation.top5,
-                              lr=self.optimizer.param_groups[0]['lr'],
-                              temperature=self._temperature(self.epoch), train_img_s=img_s, seconds=seconds))
-        if not self.processes.is_main:
-            return
-        self.folder.write_metrics(self.rows)
-        self.folder.plot_curves(self.rows)
-        self.export('last', evaluation, self.epoch)
-        if improved:
-            self.export('best', evaluation, self.epoch)
-            self.folder.plot_confusion(evaluation, self.split.classes)
-        self.folder.save_state(self.state())
-        _logger.info(f'epoch {self.epoch}/{self.recipe.epochs}: train loss {train_loss:.4f}, val loss '
-                     f'{evaluation.loss:.4f}, top-1 {evaluation.top1:.2f}%, top-5 {evaluation.top5:.2f}%, '
-                     f'{img_s:.0f} img/s' + (f', temperature {self._temperature(self.epoch):.2f}' if self.anneal
-                                             else ''))
+def _default_output(recipe: Recipe) -> Path:
+    model = recipe.model.split(':')[-1].replace('/', '-')
+    data = Path(recipe.data).resolve().name if recipe.data else 'digits'
+    return Path('runs') / f'{model}-{data}'
 
 
 def finetune(recipe: Recipe, resume: Optional[Path] = None, force: bool = False) -> FinetuneResult:
@@ -350,40 +369,123 @@ def finetune(recipe: Recipe, resume: Optional[Path] = None, force: bool = False)
         folder = RunFolder(Path(resume or recipe.output or _default_output(recipe)))
         if resume is None:
             folder.check_new(force)
-        run = _Run(recipe, processes, folder, Path(recipe.data) if recipe.data else digits_folder())
-        if resume is not None:
-            run.load_state(folder.load_state())
-        elif processes.is_main:
-            folder.create(force)
-            folder.write_recipe(recipe.to_dict())
-        if processes.distributed:
-            torch.distributed.barrier()  # the folder exists before any process writes to it
-        return _train(run)
+        with _global_rngs_kept():
+            return _run(recipe, processes, folder, resume is not None, force)
     finally:
         leave_processes(processes)
 
 
-def _train(run: _Run) -> FinetuneResult:
-    recipe, start, stopped_early = run.recipe, time.perf_counter(), False
-    if run.processes.is_main:
-        _logger.info(f'{recipe.model} on {len(run.split.train)} training and {len(run.split.val)} validation images '
-                     f'of {len(run.split.classes)} classes, {run.processes.world_size} process(es) on '
-                     f'{run.processes.device.type}, from {run.start}' +
-                     (f'; ODConv temperature {recipe.temperature_initial:g} -> 1 over {recipe.temperature_epochs:g} '
-                      f'epochs' if run.anneal else ''))
-    if run.anneal and recipe.temperature_epochs > recipe.epochs and run.processes.is_main:
+@dataclass
+class Run:
+    """A run set up by :func:`prepare_run`: its data, preprocessing, training state and what each step uses."""
+    recipe: Recipe
+    processes: Processes
+    split: FolderSplit
+    train_set: ImageFiles
+    val_set: ImageFiles
+    state: TrainingState
+    train_model: nn.Module  # the model, or its DDP / compiled wrapper
+    mixup: Optional[Mixup]
+    amp_dtype: Optional[torch.dtype]
+    temperature: Optional[Callable[[float], float]]  # the ODConv temperature by epoch, where it anneals
+    card: ModelCard
+
+    def train_loader(self) -> DataLoader:
+        """The training loader of the next epoch, its RNGs seeded for it (:func:`seed_epoch`)."""
+        recipe, epoch = self.recipe, self.state.epoch
+        generator = seed_epoch(recipe.seed, epoch, self.processes.rank)
+        return train_loader(self.train_set, recipe.batch_size, recipe.workers, self.processes, epoch, generator,
+                            recipe.seed)
+
+
+def prepare_run(recipe: Recipe, processes: Processes) -> Run:
+    """Read the data, build the model (seeded by ``recipe.seed``), its preprocessing and its training state."""
+    data = Path(recipe.data) if recipe.data else digits_folder()
+    split = read_image_folder(data, recipe.val_fraction, seed=recipe.seed, workers=recipe.workers)
+    torch.manual_seed(recipe.seed)  # the initial weights
+    model, loaded, start = _build_model(recipe, len(split.classes))
+    model.to(processes.device)
+    if recipe.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if recipe.freeze_backbone:
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+    input_size = (3, recipe.img_size, recipe.img_size) if recipe.img_size else None
+    data_config = resolve_data_config(args=dict(input_size=input_size) if input_size else {}, model=model)
+    amp_dtype, scaler = _amp(recipe, processes.device)
+    train_tf, val_tf = transforms_for(data_config, recipe.hflip, recipe.scale, recipe.randaugment)
+    train_set, val_set = ImageFiles(split.train, train_tf), ImageFiles(split.val, val_tf)
+    updates = updates_per_epoch(len(train_set), recipe.batch_size, recipe.accumulate, processes.world_size)
+    mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
+                  num_classes=len(split.classes)) if recipe.mixup > 0 or recipe.cutmix > 0 else None
+    temperature = partial(odconv_temperature, initial=recipe.temperature_initial, final=1.0,
+                          anneal_epochs=recipe.temperature_epochs) \
+        if _anneals_temperature(recipe, model, loaded) else None
+    card = ModelCard(recipe.data or DIGITS_NAME, split.classes, start, recipe.to_dict(), data_config)
+    state = _training_state(recipe, model, split.classes, updates, scaler)
+    return Run(recipe, processes, split, train_set, val_set, state, _wrapped(model, recipe, processes), mixup,
+               amp_dtype, temperature, card)
+
+
+def _run(recipe: Recipe, processes: Processes, folder: RunFolder, resuming: bool, force: bool) -> FinetuneResult:
+    """Set the run up (restored from its folder when ``resuming``), then train it epoch by epoch."""
+    run = prepare_run(recipe, processes)
+    rows: List[Dict[str, float]] = []
+    if resuming:
+        run.state.load_state_dict(folder.load_state())
+        rows = folder.metrics()[:run.state.epoch]
+    elif processes.is_main:
+        folder.create(force)
+        folder.write_recipe(recipe.to_dict())
+    if processes.distributed:
+        torch.distributed.barrier()  # the folder exists before any process writes to it
+    if processes.is_main:
+        _log_start(run)
+    return _train_epochs(run, folder, rows)
+
+
+def _train_epochs(run: Run, folder: RunFolder, rows: List[Dict[str, float]]) -> FinetuneResult:
+    """Train, validate and (on the main process) write each remaining epoch; stop early without progress."""
+    recipe, state, processes = run.recipe, run.state, run.processes
+    val_loader = _val_loader(run.val_set, recipe.batch_size, recipe.workers, processes)
+    run_start, stopped_early = time.perf_counter(), False
+    while state.epoch < recipe.epochs:
+        epoch_start = time.perf_counter()
+        train_loss, img_s = train_one_epoch(state, run.train_model, run.train_loader(), recipe, processes, run.mixup,
+                                            run.amp_dtype, run.temperature)
+        evaluation = validate(state.deployed_model, val_loader, len(run.split.classes), processes.device,
+                              run.amp_dtype, recipe.channels_last)
+        improved = state.record(evaluation)
+        rows.append(dict(epoch=state.epoch, train_loss=train_loss, val_loss=evaluation.loss, val_top1=evaluation.top1,
+                         val_top5=evaluation.top5, lr=state.optimizer.param_groups[0]['lr'],
+                         temperature=run.temperature(state.epoch) if run.temperature else 1.0, train_img_s=img_s,
+                         seconds=time.perf_counter() - epoch_start))
+        if processes.is_main:
+            folder.write_epoch(rows, state.deployed_model, evaluation, improved, run.card, state.state_dict())
+            _log_epoch(recipe, rows[-1], evaluation)
+        if recipe.patience and state.epoch - state.best_epoch >= recipe.patience and state.epoch < recipe.epochs:
+            stopped_early = True
+            if processes.is_main:
+                _logger.info(f'no better validation top-1 for {recipe.patience} epochs: stopping early')
+            break
+    return FinetuneResult(folder.path, state.best_epoch, state.best, state.epoch, time.perf_counter() - run_start,
+                          stopped_early)
+
+
+def _log_start(run: Run) -> None:
+    recipe, split, processes, anneal = run.recipe, run.split, run.processes, run.temperature is not None
+    _logger.info(f'{recipe.model} on {len(split.train)} training and {len(split.val)} validation images of '
+                 f'{len(split.classes)} classes, {processes.world_size} process(es) on {processes.device.type}, from '
+                 f'{run.card.start}' + (f'; ODConv temperature {recipe.temperature_initial:g} -> 1 over '
+                                        f'{recipe.temperature_epochs:g} epochs' if anneal else ''))
+    if anneal and recipe.temperature_epochs > recipe.epochs:
         _logger.warning(f'the ODConv temperature anneals over {recipe.temperature_epochs:g} epochs but the run has '
                         f'{recipe.epochs}: it ends above 1, while validation and the exports run at 1 (the inference '
                         f'temperature); lower --temperature-epochs or train longer')
-    for epoch in range(run.epoch, recipe.epochs):
-        epoch_start = time.perf_counter()
-        train_loss, img_s = run.train_epoch(epoch)
-        evaluation = run.validate()
-        run.end_epoch(epoch, train_loss, img_s, evaluation, time.perf_counter() - epoch_start)
-        if recipe.patience and run.epoch - run.best_epoch >= recipe.patience and run.epoch < recipe.epochs:
-            stopped_early = True
-            if run.processes.is_main:
-                _logger.info(f'no better validation top-1 for {recipe.patience} epochs: stopping early')
-            break
-    return FinetuneResult(run.folder.path, run.best_epoch, run.best, run.epoch, time.perf_counter() - start,
-                          stopped_early)
+
+
+def _log_epoch(recipe: Recipe, row: Dict[str, float], evaluation: Evaluation) -> None:
+    _logger.info(f'epoch {row["epoch"]}/{recipe.epochs}: train loss {row["train_loss"]:.4f}, val loss '
+                 f'{evaluation.loss:.4f}, top-1 {evaluation.top1:.2f}%, top-5 {evaluation.top5:.2f}%, '
+                 f'{row["train_img_s"]:.0f} img/s' + (f', temperature {row["temperature"]:.2f}'
+                                                      if row['temperature'] != 1.0 else ''))

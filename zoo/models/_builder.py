@@ -15,6 +15,7 @@ from torch import nn
 from timm.models import PretrainedCfg, build_model_with_cfg, resolve_pretrained_cfg
 
 from zoo.convert import CheckpointLayouts, read_state_dict
+from zoo.errors import UsageError, WeightsUnavailableError
 from ._manifest import load_manifest, weights_cfg_fields
 from ._pretrained import pretrained_weights_file
 
@@ -32,7 +33,7 @@ def _check_weights_exist(variant: str, cfg: PretrainedCfg) -> None:
         return
     tag = f'{variant}.{cfg.tag}' if cfg.tag else variant
     notes = f' ({"; ".join(cfg.notes)})' if cfg.notes else ''
-    raise RuntimeError(
+    raise WeightsUnavailableError(
         f'{tag} has no pretrained weights{notes}: create it with pretrained=False, or load your own with '
         f'pretrained_cfg_overlay=dict(file=PATH) or timm.create_model("hf-hub:ORG/NAME", pretrained=True)')
 
@@ -107,7 +108,7 @@ def build_zoo_model(
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.pop('pretrained_cfg', None),
                                  pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None))
     if use_ema and not (pretrained and _is_file_source(cfg)):
-        raise ValueError(f'{variant}: pretrained_use_ema=True selects the EMA weights of a checkpoint file: pass '
+        raise UsageError(f'{variant}: pretrained_use_ema=True selects the EMA weights of a checkpoint file: pass '
                          f'pretrained=True, pretrained_cfg_overlay=dict(file=PATH)')
     if pretrained:
         _check_weights_exist(variant, cfg)
@@ -124,8 +125,9 @@ def build_zoo_model(
         feature_cfg=feature_cfg, **kwargs)
     if reads_file:
         _forget_file_weights(model)
-    if not kwargs.get('features_only'):  # timm's load_checkpoint / checkpoint_path= convert the family's layouts too
-        model.register_load_state_dict_pre_hook(checkpoint_layouts.load_state_dict_pre_hook)
+    # conversion happens above only, in the pretrained filter: load_state_dict (and timm's checkpoint_path= or
+    # load_checkpoint, a resume) loads zoo's own keys and refuses another layout with a pointer to the filter's route
+    model.register_load_state_dict_pre_hook(checkpoint_layouts.refuse_foreign_layout)
     return model
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import yaml
 
 from zoo._files import atomic_write
+from zoo.errors import ManifestError
 
 __all__ = [
     'MANIFEST_PATH', 'WeightsSource', 'hub_org', 'load_manifest', 'manifest_cfgs', 'mirror_repo', 'origin_source',
@@ -37,7 +38,7 @@ def _read(path: Path) -> Dict[str, Any]:
         manifest = yaml.safe_load(f)
     if not isinstance(manifest, dict) or not isinstance(manifest.get('hub_org'), str) \
             or not isinstance(manifest.get('tags'), dict):
-        raise ValueError(f'{path}: a weights manifest has a hub_org name and a tags mapping')
+        raise ManifestError(f'{path}: a weights manifest has a hub_org name and a tags mapping')
     for tag, entry in manifest['tags'].items():
         missing = [k for k in _REQUIRED_FIELDS if k not in entry]
         missing += [f'preprocessing.{k}' for k in _PREPROCESSING_FIELDS if k not in entry.get('preprocessing', {})]
@@ -47,7 +48,7 @@ def _read(path: Path) -> Dict[str, Any]:
         if 'mirror' in entry and not isinstance(entry['mirror'].get('published'), bool):
             missing.append('mirror.published (true or false)')
         if missing:
-            raise ValueError(f'{path}: entry {tag!r} lacks {", ".join(missing)}')
+            raise ManifestError(f'{path}: entry {tag!r} lacks {", ".join(missing)}')
     return manifest
 
 
@@ -157,18 +158,18 @@ def update_manifest(path: Path, tag: str, field: str, **values: Any) -> None:
     try:
         start, end = _entry_lines(lines, tag)
     except KeyError:
-        raise ValueError(f'{path}: no entry {tag!r}') from None
+        raise ManifestError(f'{path}: no entry {tag!r}') from None
     row = next((i for i in range(start, end) if lines[i].startswith(f'    {field}: {{')), None)
     if row is None:
-        raise ValueError(f'{path}: entry {tag!r} has no one-line {field} mapping')
+        raise ManifestError(f'{path}: entry {tag!r} has no one-line {field} mapping')
     for key, value in values.items():
         text = json.dumps(value)  # null, true / false, numbers and quoted strings read back as themselves in YAML
         lines[row], count = re.subn(rf'\b{key}: [^,}}]+', f'{key}: {text}', lines[row])
         if count != 1:
-            raise ValueError(f'{path}: entry {tag!r}: {field} has no {key}')
+            raise ManifestError(f'{path}: entry {tag!r}: {field} has no {key}')
     text = '\n'.join(lines)
     written = yaml.safe_load(text)['tags'][tag][field]
     if any(written.get(key) != value for key, value in values.items()):
-        raise ValueError(f'{path}: {tag}.{field} would not read back as {values}')
+        raise ManifestError(f'{path}: {tag}.{field} would not read back as {values}')
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding='utf-8'))
     _read.cache_clear()

@@ -17,18 +17,15 @@ from urllib.parse import urlsplit
 
 from zoo._files import file_sha256
 from zoo.convert import CheckpointError
+from zoo.errors import WeightsUnavailableError
 from ._manifest import MANIFEST_PATH, WeightsSource, weights_sources
 
-__all__ = ['PretrainedWeightsError', 'pick_checkpoint', 'pretrained_weights_file']
+__all__ = ['pick_checkpoint', 'pretrained_weights_file']
 
 PathLike = Union[str, Path]
 _CHECKPOINT_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.tar', '.bin', '.safetensors')
 _CONNECT_TIMEOUT_S = 3.0
 _RATE_LIMITED = ('too many users', 'many accesses')  # Google Drive's words, as gdown passes them on
-
-
-class PretrainedWeightsError(RuntimeError):
-    """No source of a tag's pretrained weights could give them; the message names each cause and the manual route."""
 
 
 class _SourceFailed(Exception):
@@ -158,8 +155,8 @@ def _lock(tag: str, cache_dir: Optional[PathLike]):
     return FileLock(str(locks / f'{tag}.lock'))
 
 
-def _failure(tag: str, failures: Sequence[str]) -> PretrainedWeightsError:
-    return PretrainedWeightsError(f'{tag}: no pretrained weights could be had ({"; ".join(failures)}): '
+def _failure(tag: str, failures: Sequence[str]) -> WeightsUnavailableError:
+    return WeightsUnavailableError(f'{tag}: no pretrained weights could be had ({"; ".join(failures)}): '
                                   f'{_manual_route(tag)}')
 
 
@@ -171,7 +168,7 @@ def pretrained_weights_file(tag: str, cache_dir: Optional[PathLike] = None, mani
         cache_dir: The Hugging Face cache folder (default: huggingface_hub's, ``HF_HUB_CACHE``).
         manifest: The weights manifest that names the tag's sources.
     Raises:
-        PretrainedWeightsError: No source gave the file: offline without a cached copy, no network, Google Drive's
+        WeightsUnavailableError: No source gave the file: offline without a cached copy, no network, Google Drive's
             rate limit, a sha256 mismatch, ... The message names each source's cause and the manual route.
     """
     from huggingface_hub import constants

@@ -1,0 +1,1 @@
+"""zoo's test suite; ``tests.helpers`` holds what the test files share."""
