@@ -10,7 +10,6 @@ fixtures' real values, one tag per family; this script is the evidence for the o
     python benchmarks/mirror_every_tag.py --tags 'od_resnet18*'
 """
 import argparse
-import datetime
 import fnmatch
 import json
 import shutil
@@ -24,7 +23,7 @@ import torch
 from zoo.mirror import mirror_tag, mirrored_tags
 from zoo.models import MANIFEST_PATH, load_manifest
 
-from bench import RESULTS, describe_machine
+from benchlib import RESULTS, append_results, describe_machine, utc_heading
 
 OFFICIAL_KEYS = Path(__file__).parent.parent / 'tests' / 'fixtures' / 'official' / 'official_state_dict_keys.json'
 _VAN_REPOS = {'van_b0': 'van-tiny', 'van_b1': 'van-small', 'van_b2': 'van-base', 'van_b3': 'van-large'}
@@ -96,7 +95,7 @@ def main() -> None:
     parser.add_argument('--tags', default='*', help='shell-style pattern of the tags to mirror')
     args = parser.parse_args()
     header = [
-        f'\n## {datetime.datetime.now():%Y-%m-%d %H:%M}: zoo mirror --dry-run, every official tag at full size',
+        utc_heading('zoo mirror --dry-run, every official tag at full size'),
         '', describe_machine(torch.get_num_threads()), '',
         'Originals written in the authors\' layouts with random values (benchmarks/mirror_every_tag.py); each one is '
         'checked, converted, written as a Hub folder, reloaded with local-dir: and compared on a fixed probe input '
@@ -104,9 +103,7 @@ def main() -> None:
         '| tag | original | original (MB) | Hub folder (MB) | seconds | reload | mirror |',
         '|---|---|---:|---:|---:|---|---|',
     ]
-    rows = mirror_rows(args.tags)
-    with open(RESULTS, 'a') as f:
-        f.write('\n'.join(header + rows) + '\n')
+    append_results(RESULTS, header + mirror_rows(args.tags))
 
 
 if __name__ == '__main__':
