@@ -390,8 +390,8 @@ class Run:
     temperature: Optional[Callable[[float], float]]  # the ODConv temperature by epoch, where it anneals
     card: ModelCard
 
-    def train_loader(self) -> DataLoader:
-        """The training loader of the next epoch, its RNGs seeded for it (:func:`seed_epoch`)."""
+    def start_epoch(self) -> DataLoader:
+        """Seed the RNGs for the next epoch (:func:`seed_epoch`) and return its training loader."""
         recipe, epoch = self.recipe, self.state.epoch
         generator = seed_epoch(recipe.seed, epoch, self.processes.rank)
         return train_loader(self.train_set, recipe.batch_size, recipe.workers, self.processes, epoch, generator,
@@ -451,7 +451,7 @@ def _train_epochs(run: Run, folder: RunFolder, rows: List[Dict[str, float]]) -> 
     run_start, stopped_early = time.perf_counter(), False
     while state.epoch < recipe.epochs:
         epoch_start = time.perf_counter()
-        train_loss, img_s = train_one_epoch(state, run.train_model, run.train_loader(), recipe, processes, run.mixup,
+        train_loss, img_s = train_one_epoch(state, run.train_model, run.start_epoch(), recipe, processes, run.mixup,
                                             run.amp_dtype, run.temperature)
         evaluation = validate(state.deployed_model, val_loader, len(run.split.classes), processes.device,
                               run.amp_dtype, recipe.channels_last)
