@@ -25,14 +25,14 @@ from zoo.finetune.trainer import Run, prepare_run, train_one_epoch
 
 
 def zoo_epoch(run: Run) -> None:
-    train_one_epoch(run.state, run.train_model, run.train_loader(), run.recipe, run.processes, run.mixup,
+    train_one_epoch(run.state, run.train_model, run.start_epoch(), run.recipe, run.processes, run.mixup,
                     run.amp_dtype, run.temperature)
 
 
 def bare_epoch(run: Run) -> None:
     """The same batches through the plainest training loop."""
     model, optimizer = run.state.model.train(), run.state.optimizer
-    for images, targets in run.train_loader():
+    for images, targets in run.start_epoch():
         loss = F.cross_entropy(model(images), targets, label_smoothing=run.recipe.label_smoothing)
         loss.backward()
         optimizer.step()
@@ -40,7 +40,7 @@ def bare_epoch(run: Run) -> None:
 
 
 def loading_epoch(run: Run) -> None:
-    for _ in run.train_loader():
+    for _ in run.start_epoch():
         pass
 
 

@@ -299,8 +299,9 @@ def train_one_epoch(state: TrainingState, train_model: nn.Module, loader: DataLo
                disable=not processes.is_main or None)
     for i, (images, targets) in enumerate(bar):
         step_now = (i + 1) % recipe.accumulate == 0 or i + 1 == steps
-        if temperature is not None:
-            set_temperature(state.model, temperature(epoch + i / steps))
+        current_temperature = temperature(epoch + i / steps) if temperature is not None else None
+        if current_temperature is not None:
+            set_temperature(state.model, current_temperature)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if recipe.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -320,8 +321,8 @@ def train_one_epoch(state: TrainingState, train_model: nn.Module, loader: DataLo
             hits += (logits.detach().argmax(1) == targets).sum()
         count += len(images)
         if not bar.disable and ((i + 1) % show_every == 0 or i + 1 == steps):
-            bar.set_postfix(_progress(loss_sum, hits, count, start, state, mixup is None,
-                                      temperature(epoch + i / steps) if temperature else None), refresh=False)
+            bar.set_postfix(_progress(loss_sum, hits, count, start, state, mixup is None, current_temperature),
+                            refresh=False)
     seconds = time.perf_counter() - start
     total = sum_over_processes(torch.stack([loss_sum, torch.tensor(count, dtype=torch.float64, device=device)]),
                                device)
@@ -390,8 +391,8 @@ class Run:
     temperature: Optional[Callable[[float], float]]  # the ODConv temperature by epoch, where it anneals
     card: ModelCard
 
-    def train_loader(self) -> DataLoader:
-        """The training loader of the next epoch, its RNGs seeded for it (:func:`seed_epoch`)."""
+    def start_epoch(self) -> DataLoader:
+        """Seed the RNGs for the next epoch (:func:`seed_epoch`) and return its training loader."""
         recipe, epoch = self.recipe, self.state.epoch
         generator = seed_epoch(recipe.seed, epoch, self.processes.rank)
         return train_loader(self.train_set, recipe.batch_size, recipe.workers, self.processes, epoch, generator,
@@ -451,7 +452,7 @@ def _train_epochs(run: Run, folder: RunFolder, rows: List[Dict[str, float]]) -> 
     run_start, stopped_early = time.perf_counter(), False
     while state.epoch < recipe.epochs:
         epoch_start = time.perf_counter()
-        train_loss, img_s = train_one_epoch(state, run.train_model, run.train_loader(), recipe, processes, run.mixup,
+        train_loss, img_s = train_one_epoch(state, run.train_model, run.start_epoch(), recipe, processes, run.mixup,
                                             run.amp_dtype, run.temperature)
         evaluation = validate(state.deployed_model, val_loader, len(run.split.classes), processes.device,
                               run.amp_dtype, recipe.channels_last)
