@@ -11,6 +11,7 @@ they cannot be estimated) and the first stages frozen. ODConv's attention BatchN
 :class:`FPNSegmenter` is the semantic segmentation model: a light head on the FPN levels to per-pixel logits, in
 torchvision's segmentation output format (``{'out': (B, classes, H, W)}``).
 """
+import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -18,19 +19,32 @@ from typing import Dict, List, Optional, Sequence, Union
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from timm.layers import freeze_batch_norm_2d
 from timm.models._features import FeatureGetterNet
 from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from zoo.models import check_timm_model_name, create_model_from_checkpoint
 
-__all__ = ['DenseBackbone', 'EXTRA_BLOCKS', 'FPNSegmenter', 'dense_backbone']
+__all__ = ['DETECTORS', 'DenseBackbone', 'EXTRA_BLOCKS', 'FPNSegmenter', 'dense_backbone', 'detector', 'load_dense_model']
 
 # the extra pyramid levels each detector expects: Faster / Mask R-CNN pool P5 into P6, RetinaNet and FCOS add P6 and
 # P7 by strided convs; each with the number of stages it takes features from (strides 4-32, resp. 8-32)
 EXTRA_BLOCKS = {'pool': 4, 'p6p7': 3, None: 4}
+
+# torchvision's detectors, the FPN extra levels each expects, and its anchor sizes per level as multiples of the
+# level's stride (torchvision's defaults at the default levels: 32-512 px over strides 4-64 for Faster / Mask R-CNN,
+# 32-512 px times 2^(0, 1/3, 2/3) over strides 8-128 for RetinaNet, FCOS's 8-128 px scale references)
+DETECTORS = {
+    'fasterrcnn': (FasterRCNN, 'pool', (8.,)),
+    'maskrcnn': (MaskRCNN, 'pool', (8.,)),
+    'retinanet': (RetinaNet, 'p6p7', (4., 4. * 2 ** (1 / 3), 4. * 2 ** (2 / 3))),
+    'fcos': (FCOS, 'p6p7', (1.,)),
+}
 
 
 class DenseBackbone(nn.Module):
@@ -42,18 +56,24 @@ class DenseBackbone(nn.Module):
     Attributes:
         body: The model wrapped by timm's ``FeatureGetterNet``; ``body.model`` is the model itself.
         fpn: torchvision's ``FeaturePyramidNetwork``, or None.
+        extra_blocks: The FPN's extra levels ('pool', 'p6p7' or None).
         out_channels: Channels of every output with an FPN; of the last stage without.
         channels: Channels of each stage feature.
         reductions: Stride of each stage feature.
+        strides: Stride of each output, the extra levels' included.
     """
 
-    def __init__(self, body: FeatureGetterNet, fpn: Optional[FeaturePyramidNetwork], out_channels: int) -> None:
+    def __init__(self, body: FeatureGetterNet, fpn: Optional[FeaturePyramidNetwork] = None,
+                 extra_blocks: Optional[str] = None) -> None:
         super().__init__()
         self.body = body
         self.fpn = fpn
-        self.out_channels = out_channels
+        self.extra_blocks = extra_blocks if fpn is not None else None
         self.channels: List[int] = body.feature_info.channels()
         self.reductions: List[int] = body.feature_info.reduction()
+        self.out_channels = fpn.layer_blocks[0].out_channels if fpn is not None else self.channels[-1]
+        extra_levels = {'pool': 1, 'p6p7': 2, None: 0}[self.extra_blocks]
+        self.strides = self.reductions + [self.reductions[-1] * 2 ** (i + 1) for i in range(extra_levels)]
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = OrderedDict((str(i), f) for i, f in enumerate(self.body(x)))
@@ -97,9 +117,6 @@ def _freeze_stages(model: nn.Module, trainable_stages: int) -> None:
 
 
 def _extra_block(extra_blocks: Optional[str], out_channels: int) -> Optional[ExtraFPNBlock]:
-    if extra_blocks not in EXTRA_BLOCKS:
-        raise ValueError(f'unknown extra_blocks {extra_blocks!r}: use "pool" (Faster / Mask R-CNN), "p6p7" '
-                         f'(RetinaNet, FCOS) or None')
     if extra_blocks == 'pool':
         return LastLevelMaxPool()
     return LastLevelP6P7(out_channels, out_channels) if extra_blocks == 'p6p7' else None
@@ -135,6 +152,9 @@ def dense_backbone(
     Returns:
         A :class:`DenseBackbone`; the model's classifier is removed.
     """
+    if extra_blocks not in EXTRA_BLOCKS:
+        raise ValueError(f'unknown extra_blocks {extra_blocks!r}: use "pool" (Faster / Mask R-CNN), "p6p7" '
+                         f'(RetinaNet, FCOS) or None')
     if isinstance(model, str):
         model = _load(model, pretrained, checkpoint)
     elif pretrained or checkpoint is not None:
@@ -153,10 +173,40 @@ def dense_backbone(
     # prune=False: the model keeps every layer, so its weights stay those of a whole model (best/ folders export it)
     body = FeatureGetterNet(model, out_indices=out_indices, prune=False)
     if not fpn:
-        return DenseBackbone(body, None, body.feature_info.channels()[-1])
+        return DenseBackbone(body)
     pyramid = FeaturePyramidNetwork(body.feature_info.channels(), out_channels,
                                     extra_blocks=_extra_block(extra_blocks, out_channels))
-    return DenseBackbone(body, pyramid, out_channels)
+    return DenseBackbone(body, pyramid, extra_blocks)
+
+
+def detector(kind: str, backbone: DenseBackbone, num_classes: int, image_size: Optional[int] = None,
+             anchor_scale: float = 1.0, **kwargs) -> nn.Module:
+    """torchvision's detector ``kind`` ('fasterrcnn', 'maskrcnn', 'retinanet', 'fcos') on ``backbone``.
+
+    Args:
+        kind: The detector; ``backbone`` must have the FPN extra levels it expects (``DETECTORS``).
+        backbone: A :class:`DenseBackbone` with an FPN.
+        num_classes: Classes including the background, label 0 (torchvision's convention).
+        image_size: Resize images to this size (shorter and longer side); torchvision's 800 / 1333 if None.
+        anchor_scale: Multiplies every anchor size (below 1 for objects smaller than at COCO's scales).
+        **kwargs: Further arguments of the detector class.
+    Returns:
+        The detector, normalising images with the backbone model's mean and std.
+    """
+    if kind not in DETECTORS:
+        raise ValueError(f'unknown detector {kind!r}: use one of {", ".join(DETECTORS)}')
+    detector_cls, extra_blocks, multiples = DETECTORS[kind]
+    if backbone.fpn is None or backbone.extra_blocks != extra_blocks:
+        raise ValueError(f'{kind} needs dense_backbone(..., extra_blocks={extra_blocks!r}) (with an FPN)')
+    sizes = tuple(tuple(int(round(m * s * anchor_scale)) for m in multiples) for s in backbone.strides)
+    ratios = ((1.0,) if kind == 'fcos' else (0.5, 1.0, 2.0),) * len(backbone.strides)
+    cfg = backbone.body.model.pretrained_cfg
+    if image_size is not None:
+        kwargs = dict(min_size=image_size, max_size=image_size, **kwargs)
+    anchors = AnchorGenerator(sizes, ratios)
+    key = 'rpn_anchor_generator' if kind in ('fasterrcnn', 'maskrcnn') else 'anchor_generator'
+    return detector_cls(backbone, num_classes=num_classes, image_mean=list(cfg['mean']), image_std=list(cfg['std']),
+                        **{key: anchors}, **kwargs)
 
 
 class FPNSegmenter(nn.Module):
@@ -184,3 +234,28 @@ class FPNSegmenter(nn.Module):
                     for i, (layer, f) in enumerate(zip(self.lateral, levels)))
         logits = self.classifier(fused)
         return {'out': F.interpolate(logits, size=x.shape[-2:], mode='bilinear', align_corners=False)}
+
+
+def load_dense_model(folder: Union[str, Path]) -> nn.Module:
+    """The detector or segmenter of a ``zoo finetune --task detect|segment`` folder (``RUN/best``), in eval mode.
+
+    The folder holds ``dense.json`` (task, detector, classes, image size, pyramid), ``model.safetensors`` (the whole
+    model) and ``backbone/`` (the backbone as a timm Hub folder, loaded through ``local-dir:``).
+    """
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / 'dense.json').read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{folder}: not a detection or segmentation model folder (no readable dense.json)') from e
+    detect = record['task'] == 'detect'
+    backbone = dense_backbone(f'local-dir:{folder / "backbone"}', out_indices=record['out_indices'],
+                              out_channels=record['fpn_channels'],
+                              extra_blocks=DETECTORS[record['detector']][1] if detect else 'pool',
+                              trainable_stages=None)
+    if detect:
+        model = detector(record['detector'], backbone, len(record['classes']) + 1, record['image_size'],
+                         anchor_scale=record['anchor_scale'])
+    else:
+        model = FPNSegmenter(backbone, len(record['classes']))
+    model.load_state_dict(load_file(str(folder / 'model.safetensors')))
+    return model.eval()
