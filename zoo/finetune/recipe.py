@@ -97,7 +97,7 @@ DIGITS_DEFAULTS: Dict[str, Any] = dict(
     warmup_epochs=1, hflip=0.0, scale=(0.6, 1.0), label_smoothing=0.1)
 # the embedded dense default: the synthetic shapes (zoo.finetune.shapes) from scratch, under ten minutes on a CPU
 SHAPES_DEFAULTS: Dict[str, Any] = dict(
-    model='resnet18', pretrained=False, img_size=128, batch_size=8, epochs=8, lr=1e-3, weight_decay=0.05,
+    model='resnet10t', pretrained=False, img_size=96, batch_size=8, epochs=8, lr=1e-3, weight_decay=0.05,
     warmup_epochs=1, fpn_channels=64)
 
 _RESUMABLE_CHANGES = ('workers',)  # settings that do not change what a resumed run computes

@@ -21,10 +21,10 @@ __all__ = ['SHAPE_CLASSES', 'shapes_folder']
 
 SHAPE_CLASSES = ('rectangle', 'ellipse', 'triangle')
 _VERSION = 'shapes-v1'  # a new version for any change of what is generated
-_SPLITS = (('train', 800), ('val', 160))
-_SIZE = 128
-_MIN_SIDE, _MAX_SIDE = 18, 56  # shape sides in pixels
-_MAX_SHAPES = 4
+_SPLITS = (('train', 600), ('val', 120))
+_SIZE = 96
+_MIN_SIDE, _MAX_SIDE = 14, 44  # shape sides in pixels
+_MAX_SHAPES = 3
 _ELLIPSE_POINTS = 32  # vertices of an ellipse's polygon segmentation
 
 
