@@ -4,13 +4,14 @@
 reads the official checkpoints of its family through the conversion layer. Layering, each importing only those below
 it::
 
-    cli -> catalogue, hub, predict -> models (one file per family) -> convert (checkpoint layouts), layers (operators)
+    cli -> catalogue, hub, predict, dense -> models (one file per family) -> convert (checkpoint layouts), layers
 """
 from . import models
 from .convert import CheckpointError, read_checkpoint
 from .layers import odconv_temperature, set_temperature
 from .models import replace_convs
+from .dense import dense_backbone
 
 __version__ = '0.1.0'
-__all__ = ['CheckpointError', 'odconv_temperature', 'read_checkpoint', 'replace_convs', 'set_temperature',
-           '__version__']
+__all__ = ['CheckpointError', 'dense_backbone', 'odconv_temperature', 'read_checkpoint', 'replace_convs',
+           'set_temperature', '__version__']

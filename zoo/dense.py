@@ -30,7 +30,8 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 
 from zoo.models import check_timm_model_name, create_model_from_checkpoint
 
-__all__ = ['DETECTORS', 'DenseBackbone', 'EXTRA_BLOCKS', 'FPNSegmenter', 'dense_backbone', 'detector', 'load_dense_model']
+__all__ = ['DETECTORS', 'DenseBackbone', 'EXTRA_BLOCKS', 'FPNSegmenter', 'dense_backbone', 'detector',
+           'load_dense_model']
 
 # the extra pyramid levels each detector expects: Faster / Mask R-CNN pool P5 into P6, RetinaNet and FCOS add P6 and
 # P7 by strided convs; each with the number of stages it takes features from (strides 4-32, resp. 8-32)

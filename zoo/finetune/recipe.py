@@ -11,7 +11,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import yaml
 
-__all__ = ['DIGITS_DEFAULTS', 'SHAPES_DEFAULTS', 'Recipe', 'RecipeError', 'load_recipe_file', 'recipe_for_run', 'resolve_recipe']
+__all__ = ['DIGITS_DEFAULTS', 'SHAPES_DEFAULTS', 'Recipe', 'RecipeError', 'load_recipe_file', 'recipe_for_run',
+           'resolve_recipe']
 
 
 class RecipeError(ValueError):

@@ -72,7 +72,7 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
 
 def _default_output(recipe: Recipe) -> Path:
     model = recipe.model.split(':')[-1].replace('/', '-')
-    data = Path(recipe.data).resolve().name if recipe.data else 'digits'
+    data = Path(recipe.data).resolve().name if recipe.data else ('digits' if recipe.task == 'classify' else 'shapes')
     return Path('runs') / f'{model}-{data}'
 
 
