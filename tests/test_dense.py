@@ -2,6 +2,7 @@
 plug-and-play CNN; the shapes data set and the COCO / mask folder checks; ``zoo finetune --task detect|segment``."""
 import json
 import logging
+import re
 import shutil
 
 import pytest
@@ -312,12 +313,16 @@ def test_finetune_detect_writes_a_run_that_resumes_and_reloads(small_shapes, tmp
     first = run_zoo(*args, '--epochs', '1')
     assert first.returncode == 0, first.stderr
     assert 'best validation map50' in first.stdout
-    resumed = run_zoo('finetune', '--resume', str(run), '--epochs', '2')
-    assert resumed.returncode != 0 and '--epochs differs' in resumed.stderr  # a resumed run keeps its recipe
+    changed = run_zoo('finetune', '--resume', str(run), '--epochs', '2')
+    assert changed.returncode != 0 and '--epochs differs' in changed.stderr  # a resumed run keeps its recipe
+    config = (run / 'config.yaml').read_text()
+    (run / 'config.yaml').write_text(re.sub('^epochs: 1$', 'epochs: 2', config, flags=re.M))  # stopped at 1 of 2
+    resumed = run_zoo('finetune', '--resume', str(run))
+    assert resumed.returncode == 0, resumed.stderr
     state = torch.load(run / 'state.pth', weights_only=True)
-    assert state['epoch'] == 1 and state['task'] == 'detect'
+    assert state['epoch'] == 2 and state['task'] == 'detect'
     rows = (run / 'metrics.csv').read_text().splitlines()
-    assert rows[0] == 'epoch,train_loss,val_map50,val_map,lr,train_img_s,seconds' and len(rows) == 2
+    assert rows[0] == 'epoch,train_loss,val_map50,val_map,lr,train_img_s,seconds' and len(rows) == 3
     model = load_dense_model(run / 'best')
     detections = model([torch.rand(3, 64, 64)])
     assert detections[0]['boxes'].shape[1] == 4

@@ -235,6 +235,8 @@ class _DenseRun:
                 xywh = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1).tolist()
                 for i, (box, score, label) in enumerate(zip(xywh, output['scores'].tolist(),
                                                             output['labels'].tolist())):
+                    if label == 0:  # the background's score (RetinaNet, FCOS score it like any class)
+                        continue
                     result = dict(image_id=target['image_id'], category_id=category_ids[label - 1], score=score)
                     boxes.append(dict(result, bbox=box))
                     if 'masks' in output:
