@@ -310,7 +310,7 @@ def test_mask_indices_beyond_the_class_names_are_refused(small_shapes, tmp_path)
 def test_finetune_detect_writes_a_run_that_resumes_and_reloads(small_shapes, tmp_path):
     run = tmp_path / 'run'
     args = ['finetune', '--task', 'detect', '--data', str(small_shapes), '--model', 'van_b0', '--no-pretrained',
-            '--img-size', '64', '--batch-size', '4', '--fpn-channels', '32', '--workers', '0', '--output', str(run)]
+            '--img-size', '64', '--batch-size', '4', '--fpn-channels', '64', '--workers', '0', '--output', str(run)]
     first = run_zoo(*args, '--epochs', '1')
     assert first.returncode == 0, first.stderr
     assert 'best validation map50' in first.stdout
