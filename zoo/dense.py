@@ -33,9 +33,9 @@ from zoo.models import check_timm_model_name, create_model_from_checkpoint
 __all__ = ['DETECTORS', 'DenseBackbone', 'EXTRA_BLOCKS', 'FPNSegmenter', 'dense_backbone', 'detector',
            'load_dense_model']
 
-# the extra pyramid levels each detector expects: Faster / Mask R-CNN pool P5 into P6, RetinaNet and FCOS add P6 and
-# P7 by strided convs; each with the number of stages it takes features from (strides 4-32, resp. 8-32)
-EXTRA_BLOCKS = {'pool': 4, 'p6p7': 3, None: 4}
+# the FPN's extra levels: Faster / Mask R-CNN pool P5 into P6, RetinaNet and FCOS add P6 and P7 by strided convs;
+# each with (the number of stages it takes features from by default: strides 4-32, resp. 8-32; its extra levels)
+EXTRA_BLOCKS = {'pool': (4, 1), 'p6p7': (3, 2), None: (4, 0)}
 
 # torchvision's detectors, the FPN extra levels each expects, and its anchor sizes per level as multiples of the
 # level's stride (torchvision's defaults at the default levels: 32-512 px over strides 4-64 for Faster / Mask R-CNN,
@@ -73,7 +73,7 @@ class DenseBackbone(nn.Module):
         self.channels: List[int] = body.feature_info.channels()
         self.reductions: List[int] = body.feature_info.reduction()
         self.out_channels = fpn.layer_blocks[0].out_channels if fpn is not None else self.channels[-1]
-        extra_levels = {'pool': 1, 'p6p7': 2, None: 0}[self.extra_blocks]
+        extra_levels = EXTRA_BLOCKS[self.extra_blocks][1]
         self.strides = self.reductions + [self.reductions[-1] * 2 ** (i + 1) for i in range(extra_levels)]
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -149,7 +149,9 @@ def dense_backbone(
         extra_blocks: The FPN's extra levels: 'pool' (a max-pooled P6, for Faster / Mask R-CNN), 'p6p7' (P6 and P7
             by strided convs, for RetinaNet and FCOS) or None.
         trainable_stages: How many of the last stages train; the parameters before them are frozen. None: all.
-        freeze_bn: Replace every BatchNorm2d (and timm's BatchNormAct2d) by its frozen form.
+        freeze_bn: Replace every BatchNorm2d (and timm's BatchNormAct2d) by its frozen form. For an untrained model
+            pass False (and ``trainable_stages=None``): timm's ResNets start each block's last BatchNorm at zero,
+            which frozen would leave the residual branches without gradients.
     Returns:
         A :class:`DenseBackbone`; the model's classifier is removed.
     """
@@ -166,7 +168,7 @@ def dense_backbone(
     if hasattr(model, 'reset_classifier'):
         model.reset_classifier(0)
     out_indices = list(out_indices) if out_indices is not None else _default_out_indices(
-        model, EXTRA_BLOCKS[extra_blocks if fpn else None])
+        model, EXTRA_BLOCKS[extra_blocks if fpn else None][0])
     if trainable_stages is not None:
         _freeze_stages(model, trainable_stages)
     if freeze_bn:
