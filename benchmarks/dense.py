@@ -7,8 +7,9 @@ interpreter, against its plain ResNet: what X-volution's attention branch costs 
 ``shapes``: ``zoo finetune --task detect`` with the embedded shapes recipe, the same for every backbone (from
 scratch), one run after another: best validation mAP@0.5 and training images per second.
 
-    python benchmarks/dense.py memory --models xvolution_resnet34 xvolution_sa_resnet34 resnet34
-    python benchmarks/dense.py shapes --models resnet18 mobilenetv2_100 van_b0 od_resnet18 --epochs 8
+    python benchmarks/dense.py memory --models resnet34 xvolution_resnet34 xvolution_sa_resnet34
+    OMP_NUM_THREADS=1 python benchmarks/dense.py shapes --epochs 1 --models van_b0 od_mobilenetv2_050 \
+        efficientmod_xxs xvolution_resnet34 resnet18 mobilenetv2_100
 """
 import argparse
 import datetime
