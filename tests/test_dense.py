@@ -349,3 +349,11 @@ def test_finetune_with_bad_data_writes_nothing(tmp_path):
     assert result.returncode == 1
     assert result.stderr.count('\n') == 1 and 'category ids that are not among its categories' in result.stderr
     assert not (tmp_path / 'run').exists()
+
+
+def test_classification_only_settings_are_refused_for_dense_tasks(tmp_path):
+    result = run_zoo_here('finetune', '--task', 'segment', '--mixup', '0.2', '--ema-decay', '0.99', '--data',
+                          str(tmp_path / 'data'), '--output', str(tmp_path / 'run'))
+    assert result.returncode == 1
+    assert '--mixup, --ema-decay apply to classification only' in result.stderr
+    assert not (tmp_path / 'run').exists()

@@ -54,7 +54,8 @@ __all__ = ['DenseResult', 'finetune_dense']
 _logger = logging.getLogger(__name__)
 _SEGMENT_SIZE = 512  # segmentation's default training resolution
 _METRICS = {'detect': ('map50', 'map'), 'segment': ('miou', 'pixel_acc')}
-_UNSUPPORTED = ('mixup', 'cutmix', 'ema_decay', 'layer_decay', 'randaugment', 'freeze_backbone', 'compile')
+_UNSUPPORTED = ('mixup', 'cutmix', 'ema_decay', 'layer_decay', 'randaugment', 'freeze_backbone', 'compile',
+                'channels_last', 'sync_bn')
 
 
 @dataclass
