@@ -4,6 +4,8 @@ import json
 import logging
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -341,6 +343,19 @@ def test_finetune_segment_on_a_mask_folder(small_shapes, tmp_path):
     model = load_dense_model(tmp_path / 'run' / 'best')
     assert model(torch.rand(1, 3, 64, 64))['out'].shape == (1, 4, 64, 64)
 
+
+@pytest.mark.slow
+def test_torchrun_two_processes_detect_and_save_once(small_shapes, tmp_path):
+    output = tmp_path / 'run'
+    result = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '-m', 'zoo.finetune', '--task', 'detect',
+         '--data', small_shapes, '--model', 'resnet10t', '--no-pretrained', '--img-size', '64', '--epochs', '1',
+         '--batch-size', '2', '--fpn-channels', '64', '--workers', '0', '--output', output],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count('best validation map50') == 1  # rank 0 alone reports
+    assert sorted(p.name for p in output.iterdir()) == ['best', 'config.yaml', 'last', 'metrics.csv', 'state.pth']
+    assert json.loads((output / 'best' / 'dense.json').read_text())['classes'] == list(SHAPE_CLASSES)
 
 def test_finetune_with_bad_data_writes_nothing(tmp_path):
     root = _coco_folder(tmp_path / 'data', [_box(1, [1, 1, 5, 5], category=9)])
