@@ -4,7 +4,7 @@
 reads the official checkpoints of its family through the conversion layer. Layering, each importing only those below
 it::
 
-    cli -> catalogue, hub, predict -> models (one file per family) -> convert (checkpoint layouts), layers (operators)
+    cli -> catalogue, hub, predict, dense -> models (one file per family) -> convert (checkpoint layouts), layers
 
 and ``zoo.errors`` (the errors about what a user gave zoo) below them all.
 """
@@ -13,7 +13,8 @@ from .convert import CheckpointError, read_checkpoint
 from .errors import ZooError
 from .layers import odconv_temperature, set_temperature
 from .models import replace_convs
+from .dense import dense_backbone
 
 __version__ = '0.1.0'
-__all__ = ['CheckpointError', 'ZooError', 'odconv_temperature', 'read_checkpoint', 'replace_convs', 'set_temperature',
-           '__version__']
+__all__ = ['CheckpointError', 'ZooError', 'dense_backbone', 'odconv_temperature', 'read_checkpoint', 'replace_convs',
+           'set_temperature', '__version__']

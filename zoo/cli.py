@@ -10,7 +10,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 from tqdm import tqdm
 
@@ -145,11 +145,24 @@ def _finetune(args: argparse.Namespace) -> int:
     main_process = os.environ.get('RANK', '0') == '0'
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
     logging.getLogger('zoo').setLevel(logging.INFO if main_process else logging.ERROR)
+    if recipe.task != 'classify':  # detection and segmentation
+        return _finetune_dense(recipe, args, main_process)
     result = finetune(recipe, resume=args.resume, force=args.force)
     if main_process:
         minutes, seconds = divmod(round(result.seconds), 60)
         print(f'best validation top-1 {result.best.top1:.2f}% (top-5 {result.best.top5:.2f}%, {result.best.count} '
               f'images) at epoch {result.best_epoch}/{result.epochs_run}'
+              f'{" (stopped early)" if result.stopped_early else ""}, {minutes}m{seconds:02d}s -> {result.folder}')
+    return 0
+
+
+def _finetune_dense(recipe: Any, args: argparse.Namespace, main_process: bool) -> int:
+    from zoo.finetune.dense_trainer import finetune_dense
+    result = finetune_dense(recipe, resume=args.resume, force=args.force)
+    if main_process:
+        minutes, seconds = divmod(round(result.seconds), 60)
+        metrics = ', '.join(f'{name} {value:.3f}' for name, value in result.best.items())
+        print(f'best validation {metrics} at epoch {result.best_epoch}/{result.epochs_run}'
               f'{" (stopped early)" if result.stopped_early else ""}, {minutes}m{seconds:02d}s -> {result.folder}')
     return 0
 

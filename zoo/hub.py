@@ -27,8 +27,8 @@ from zoo.errors import ZooError
 from zoo.models import load_manifest, origin_source
 
 __all__ = [
-    'HubFolderError', 'check_output_folder', 'export_hub_folder', 'file_sha256', 'publish_hub_folder',
-    'validate_hub_folder', 'verify_hub_folder',
+    'HubFolderError', 'check_output_folder', 'export_hub_folder', 'file_sha256', 'move_into_place',
+    'publish_hub_folder', 'validate_hub_folder', 'verify_hub_folder',
 ]
 
 PathLike = Union[str, Path]
@@ -195,7 +195,7 @@ def _apply_umask(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
+def move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is kept aside until then and restored on failure."""
     if not (out_dir.is_dir() and any(out_dir.iterdir())):
         try:
@@ -275,7 +275,7 @@ def export_hub_folder(model: nn.Module, out_dir: PathLike, source: Optional[Path
                                                    label_names))
         _apply_umask(tmp)
         report = verify_hub_folder(tmp) if verify else ''
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,12 +10,13 @@ from PIL import Image
 
 from .data import DataError
 
-__all__ = ['digits_folder']
+__all__ = ['cache_root', 'digits_folder']
 
 _SIZE = 32
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where the embedded data sets are written: ``$XDG_CACHE_HOME/zoo`` or ``~/.cache/zoo``."""
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'zoo'
 
 
@@ -25,7 +26,7 @@ def digits_folder(root: Path = None) -> Path:
     Raises:
         DataError: scikit-learn, which ships the digits, is not installed.
     """
-    folder = (root or _cache_root()) / 'digits'
+    folder = (root or cache_root()) / 'digits'
     if folder.is_dir():
         return folder
     try:

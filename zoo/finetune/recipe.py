@@ -13,7 +13,8 @@ import yaml
 
 from zoo.errors import ZooError
 
-__all__ = ['DIGITS_DEFAULTS', 'Recipe', 'RecipeError', 'load_recipe_file', 'recipe_for_run', 'resolve_recipe']
+__all__ = ['DIGITS_DEFAULTS', 'SHAPES_DEFAULTS', 'Recipe', 'RecipeError', 'load_recipe_file', 'recipe_for_run',
+           'resolve_recipe']
 
 
 class RecipeError(ZooError, ValueError):
@@ -76,6 +77,16 @@ class Recipe:
     compile: bool = _setting(False, 'torch.compile the model')
     sync_bn: bool = _setting(False, 'SyncBatchNorm across processes (CUDA)')
     seed: int = _setting(0, 'seed of the data split, initialisation, augmentation and order')
+    # dense prediction (zoo.finetune.dense_trainer)
+    task: str = _setting('classify', "'classify' (image folder), 'detect' (COCO folder) or 'segment' (mask folder)")
+    detector: str = _setting('fcos', "torchvision detector for --task detect: 'fcos', 'retinanet', 'fasterrcnn' or "
+                                     "'maskrcnn'")
+    fpn_channels: int = _setting(256, 'channels of the feature pyramid (detect, segment)')
+    anchor_scale: float = _setting(1.0, "multiplies the detector's anchor sizes (below 1 for small objects)")
+    trainable_stages: Optional[int] = _setting(None, 'backbone stages that train (detect, segment); None: 3 for a '
+                                                     'trained backbone, all for an untrained one')
+    freeze_bn: Optional[bool] = _setting(None, "frozen backbone BatchNorm (detect, segment); None: for a trained "
+                                               "backbone only")
     output: Optional[str] = _setting(None, 'run folder; runs/MODEL-DATA if None')
 
     def to_dict(self) -> Dict[str, Any]:
@@ -87,12 +98,17 @@ class Recipe:
 DIGITS_DEFAULTS: Dict[str, Any] = dict(
     model='van_b0', pretrained=False, img_size=32, batch_size=64, epochs=12, lr=2e-3, weight_decay=0.05,
     warmup_epochs=1, hflip=0.0, scale=(0.6, 1.0), label_smoothing=0.1)
+# the embedded dense default: the synthetic shapes (zoo.finetune.shapes) from scratch, under ten minutes on a CPU
+SHAPES_DEFAULTS: Dict[str, Any] = dict(
+    model='resnet10t', pretrained=False, img_size=96, batch_size=8, epochs=8, lr=1e-3, weight_decay=0.05,
+    warmup_epochs=1, fpn_channels=64)
 
 _RESUMABLE_CHANGES = ('workers',)  # settings that do not change what a resumed run computes
 
 _CHOICES = {
     'clip_mode': ('norm', 'value', 'agc'), 'odconv_temperature': ('auto', 'anneal', 'off'),
     'amp': (None, 'bf16', 'fp16'), 'convert': (None, 'odconv', 'xvolution', 'xvolution_sa'),
+    'task': ('classify', 'detect', 'segment'), 'detector': ('fcos', 'retinanet', 'fasterrcnn', 'maskrcnn'),
 }
 
 
@@ -165,7 +181,7 @@ def recipe_for_run(flags: Mapping[str, Any], config: Optional[Union[str, Path]] 
                    resumed: Optional[Mapping[str, Any]] = None) -> Recipe:
     """The recipe of a run: ``flags`` (the settings given on the command line) over a ``config`` file over the
     defaults, or, when resuming, over the ``resumed`` run's recipe. Without data anywhere, the embedded digits
-    defaults apply under the config file and the flags."""
+    defaults (the shapes defaults for --task detect / segment) apply under the config file and the flags."""
     if resumed is not None:
         given = resolve_recipe(flags).to_dict()
         changed = sorted('--' + k.replace('_', '-') for k in flags
@@ -176,5 +192,8 @@ def recipe_for_run(flags: Mapping[str, Any], config: Optional[Union[str, Path]] 
                               f'new run (--output) to change it')
         return resolve_recipe(resumed, flags)
     from_file = load_recipe_file(config) if config else {}
-    base = DIGITS_DEFAULTS if not (flags.get('data') or from_file.get('data')) else {}
+    base: Dict[str, Any] = {}
+    if not (flags.get('data') or from_file.get('data')):
+        dense = flags.get('task', from_file.get('task', 'classify')) != 'classify'
+        base = SHAPES_DEFAULTS if dense else DIGITS_DEFAULTS
     return resolve_recipe(base, from_file, flags)

@@ -102,9 +102,9 @@ class RunFolder:
         with open(path, newline='') as f:
             return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
-    def write_metrics(self, rows: Sequence[Dict[str, float]]) -> None:
+    def write_metrics(self, rows: Sequence[Dict[str, float]], columns: Sequence[str] = METRIC_COLUMNS) -> None:
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator='\n')
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator='\n')
         writer.writeheader()
         writer.writerows(rows)
         atomic_write(self.path / 'metrics.csv', lambda tmp: tmp.write_text(text.getvalue()))

@@ -51,8 +51,9 @@ from .evaluate import Evaluation, evaluate
 from .recipe import Recipe, RecipeError
 from .run_folder import ModelCard, RunFolder, RunFolderError
 
-__all__ = ['FinetuneResult', 'Run', 'TrainingState', 'finetune', 'prepare_run', 'seed_epoch', 'train_loader',
-           'train_one_epoch', 'updates_per_epoch', 'validate']
+__all__ = ['FinetuneResult', 'Run', 'TrainingState', 'amp_settings', 'anneals_temperature', 'build_model',
+           'default_output_folder', 'finetune', 'prepare_run', 'seed_epoch', 'train_loader', 'train_one_epoch',
+           'updates_per_epoch', 'validate']
 
 _logger = logging.getLogger(__name__)
 _AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -184,7 +185,7 @@ def _val_loader(dataset: Dataset, batch_size: int, workers: int, processes: Proc
 
 # model and state ------------------------------------------------------------------------------------------------------
 
-def _build_model(recipe: Recipe, num_classes: int) -> Tuple[nn.Module, bool, str]:
+def build_model(recipe: Recipe, num_classes: int) -> Tuple[nn.Module, bool, str]:
     """The model with a head for ``num_classes``, whether its ODConv layers (if any) start trained, and where its
     weights came from."""
     check_timm_model_name(recipe.model)
@@ -207,13 +208,17 @@ def _build_model(recipe: Recipe, num_classes: int) -> Tuple[nn.Module, bool, str
     return model, loaded, start
 
 
-def _anneals_temperature(recipe: Recipe, model: nn.Module, loaded: bool) -> bool:
+def anneals_temperature(recipe: Recipe, model: nn.Module, loaded: bool) -> bool:
+    """Whether the run anneals ODConv's temperature: the recipe asks for it, or (auto) the ODConv layers start
+    untrained."""
     has_odconv = any(isinstance(m, ODConv2d) for m in model.modules())
     mode = recipe.odconv_temperature
     return has_odconv and (mode == 'anneal' or (mode == 'auto' and not loaded))
 
 
-def _amp(recipe: Recipe, device: torch.device) -> Tuple[Optional[torch.dtype], Optional[torch.amp.GradScaler]]:
+def amp_settings(recipe: Recipe,
+                 device: torch.device) -> Tuple[Optional[torch.dtype], Optional[torch.amp.GradScaler]]:
+    """The autocast dtype the recipe asks for (None: float32) and the gradient scaler float16 needs."""
     if recipe.amp is None:
         return None, None
     if recipe.amp == 'fp16' and device.type != 'cuda':
@@ -351,9 +356,11 @@ def validate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
 
 # a run ----------------------------------------------------------------------------------------------------------------
 
-def _default_output(recipe: Recipe) -> Path:
+def default_output_folder(recipe: Recipe) -> Path:
+    """``runs/MODEL-DATA``, the run folder when the recipe names none (DATA: the data folder's name, or the embedded
+    data set's)."""
     model = recipe.model.split(':')[-1].replace('/', '-')
-    data = Path(recipe.data).resolve().name if recipe.data else 'digits'
+    data = Path(recipe.data).resolve().name if recipe.data else ('digits' if recipe.task == 'classify' else 'shapes')
     return Path('runs') / f'{model}-{data}'
 
 
@@ -367,7 +374,7 @@ def finetune(recipe: Recipe, resume: Optional[Path] = None, force: bool = False)
     """
     processes = join_processes()
     try:
-        folder = RunFolder(Path(resume or recipe.output or _default_output(recipe)))
+        folder = RunFolder(Path(resume or recipe.output or default_output_folder(recipe)))
         if resume is None:
             folder.check_new(force)
         with _global_rngs_kept():
@@ -404,7 +411,7 @@ def prepare_run(recipe: Recipe, processes: Processes) -> Run:
     data = Path(recipe.data) if recipe.data else digits_folder()
     split = read_image_folder(data, recipe.val_fraction, seed=recipe.seed, workers=recipe.workers)
     torch.manual_seed(recipe.seed)  # the initial weights
-    model, loaded, start = _build_model(recipe, len(split.classes))
+    model, loaded, start = build_model(recipe, len(split.classes))
     model.to(processes.device)
     if recipe.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -413,7 +420,7 @@ def prepare_run(recipe: Recipe, processes: Processes) -> Run:
         model.get_classifier().requires_grad_(True)
     input_size = (3, recipe.img_size, recipe.img_size) if recipe.img_size else None
     data_config = resolve_data_config(args=dict(input_size=input_size) if input_size else {}, model=model)
-    amp_dtype, scaler = _amp(recipe, processes.device)
+    amp_dtype, scaler = amp_settings(recipe, processes.device)
     train_tf, val_tf = transforms_for(data_config, recipe.hflip, recipe.scale, recipe.randaugment)
     train_set, val_set = ImageFiles(split.train, train_tf), ImageFiles(split.val, val_tf)
     updates = updates_per_epoch(len(train_set), recipe.batch_size, recipe.accumulate, processes.world_size)
@@ -421,7 +428,7 @@ def prepare_run(recipe: Recipe, processes: Processes) -> Run:
                   num_classes=len(split.classes)) if recipe.mixup > 0 or recipe.cutmix > 0 else None
     temperature = partial(odconv_temperature, initial=recipe.temperature_initial, final=1.0,
                           anneal_epochs=recipe.temperature_epochs) \
-        if _anneals_temperature(recipe, model, loaded) else None
+        if anneals_temperature(recipe, model, loaded) else None
     card = ModelCard(recipe.data or DIGITS_NAME, split.classes, start, recipe.to_dict(), data_config)
     state = _training_state(recipe, model, split.classes, updates, scaler)
     return Run(recipe, processes, split, train_set, val_set, state, _wrapped(model, recipe, processes), mixup,
