@@ -20,7 +20,7 @@ from zoo.finetune.dense_data import CocoDetections, MaskImages, detection_collat
 from zoo.finetune.shapes import SHAPE_CLASSES, shapes_folder
 from zoo.hub import export_hub_folder
 from zoo.layers import ODConv2d, XVolution2d
-from helpers import relative_error, run_zoo, run_zoo_here
+from tests.helpers import relative_error, run_zoo, run_zoo_here
 
 SIZE = 64  # the tests' image size: every family's four strides, in milliseconds per step
 FAMILIES = ['van_b0', 'od_resnet18', 'efficientmod_xxs', 'xvolution_resnet34', 'resnet50+odconv']

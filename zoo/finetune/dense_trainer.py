@@ -47,7 +47,7 @@ from .distributed import Processes, join_processes, leave_processes, sum_over_pr
 from .recipe import Recipe, RecipeError
 from .run_folder import RunFolder, RunFolderError
 from .shapes import shapes_folder
-from .trainer import amp_settings, anneals_temperature, build_model, default_output_folder, seed_epoch
+from .trainer import amp_settings, anneals_temperature, build_model, open_run_folder, seed_epoch
 
 __all__ = ['DenseResult', 'finetune_dense']
 
@@ -343,9 +343,7 @@ def finetune_dense(recipe: Recipe, resume: Optional[Path] = None, force: bool = 
     """
     processes = join_processes()
     try:
-        folder = RunFolder(Path(resume or recipe.output or default_output_folder(recipe)))
-        if resume is None:
-            folder.check_new(force)
+        folder = open_run_folder(recipe, resume, force)
         run = _DenseRun(recipe, processes, folder, Path(recipe.data) if recipe.data else shapes_folder())
         if resume is not None:
             run.load_state(folder.load_state())

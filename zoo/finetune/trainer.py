@@ -52,7 +52,7 @@ from .recipe import Recipe, RecipeError
 from .run_folder import ModelCard, RunFolder, RunFolderError
 
 __all__ = ['FinetuneResult', 'Run', 'TrainingState', 'amp_settings', 'anneals_temperature', 'build_model',
-           'default_output_folder', 'finetune', 'prepare_run', 'seed_epoch', 'train_loader', 'train_one_epoch',
+           'finetune', 'open_run_folder', 'prepare_run', 'seed_epoch', 'train_loader', 'train_one_epoch',
            'updates_per_epoch', 'validate']
 
 _logger = logging.getLogger(__name__)
@@ -356,12 +356,20 @@ def validate(model: nn.Module, loader: DataLoader, num_classes: int, device: tor
 
 # a run ----------------------------------------------------------------------------------------------------------------
 
-def default_output_folder(recipe: Recipe) -> Path:
-    """``runs/MODEL-DATA``, the run folder when the recipe names none (DATA: the data folder's name, or the embedded
-    data set's)."""
+def _default_output_folder(recipe: Recipe) -> Path:
+    """``runs/MODEL-DATA`` (DATA: the data folder's name, or the embedded data set's)."""
     model = recipe.model.split(':')[-1].replace('/', '-')
     data = Path(recipe.data).resolve().name if recipe.data else ('digits' if recipe.task == 'classify' else 'shapes')
     return Path('runs') / f'{model}-{data}'
+
+
+def open_run_folder(recipe: Recipe, resume: Optional[Path], force: bool) -> RunFolder:
+    """The run's folder: the one resumed, else the recipe's output (default ``runs/MODEL-DATA``), which must be new
+    unless ``force``."""
+    folder = RunFolder(Path(resume or recipe.output or _default_output_folder(recipe)))
+    if resume is None:
+        folder.check_new(force)
+    return folder
 
 
 def finetune(recipe: Recipe, resume: Optional[Path] = None, force: bool = False) -> FinetuneResult:
@@ -374,9 +382,7 @@ def finetune(recipe: Recipe, resume: Optional[Path] = None, force: bool = False)
     """
     processes = join_processes()
     try:
-        folder = RunFolder(Path(resume or recipe.output or default_output_folder(recipe)))
-        if resume is None:
-            folder.check_new(force)
+        folder = open_run_folder(recipe, resume, force)
         with _global_rngs_kept():
             return _run(recipe, processes, folder, resume is not None, force)
     finally:
