@@ -32,7 +32,6 @@ from pycocotools.cocoeval import COCOeval
 from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -47,7 +46,7 @@ from .distributed import Processes, join_processes, leave_processes, sum_over_pr
 from .recipe import Recipe, RecipeError
 from .run_folder import RunFolder, RunFolderError
 from .shapes import shapes_folder
-from .trainer import amp_settings, anneals_temperature, build_model, open_run_folder, seed_epoch
+from .trainer import amp_settings, anneals_temperature, build_model, open_run_folder, optimizer_step, seed_epoch
 
 __all__ = ['DenseResult', 'finetune_dense']
 
@@ -200,17 +199,7 @@ class _DenseRun:
         return (total[0] / total[1]).item(), count * self.processes.world_size / seconds
 
     def _step(self, num_updates: int) -> None:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.recipe.clip_grad:
-            parameters = [p for p in self.model.parameters() if p.requires_grad]
-            dispatch_clip_grad(parameters, self.recipe.clip_grad, mode=self.recipe.clip_mode)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.model, self.optimizer, self.scaler, self.recipe)
         self.scheduler.step_update(num_updates)
 
     # validation, saving ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from .recipe import Recipe, RecipeError
 from .run_folder import ModelCard, RunFolder, RunFolderError
 
 __all__ = ['FinetuneResult', 'Run', 'TrainingState', 'amp_settings', 'anneals_temperature', 'build_model',
-           'finetune', 'open_run_folder', 'prepare_run', 'seed_epoch', 'train_loader', 'train_one_epoch',
+           'finetune', 'open_run_folder', 'optimizer_step', 'prepare_run', 'seed_epoch', 'train_loader', 'train_one_epoch',
            'updates_per_epoch', 'validate']
 
 _logger = logging.getLogger(__name__)
@@ -258,19 +258,25 @@ def _loss_fn(recipe: Recipe, mixup: Optional[Mixup]) -> Callable[[torch.Tensor, 
 
 # the loop -------------------------------------------------------------------------------------------------------------
 
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+                   recipe: Recipe) -> None:
+    """Apply the accumulated gradients: unscaled (float16), clipped as the recipe asks, then zeroed."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if recipe.clip_grad:
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        dispatch_clip_grad(parameters, recipe.clip_grad, mode=recipe.clip_mode)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _step(state: TrainingState, recipe: Recipe, num_updates: int) -> None:
     """One optimizer step (after unscaling and clipping), then the EMA and the lr schedule follow."""
-    if state.scaler:
-        state.scaler.unscale_(state.optimizer)
-    if recipe.clip_grad:
-        parameters = [p for p in state.model.parameters() if p.requires_grad]
-        dispatch_clip_grad(parameters, recipe.clip_grad, mode=recipe.clip_mode)
-    if state.scaler:
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-    else:
-        state.optimizer.step()
-    state.optimizer.zero_grad(set_to_none=True)
+    optimizer_step(state.model, state.optimizer, state.scaler, recipe)
     if state.ema is not None:
         state.ema.update(state.model, step=num_updates)
     state.scheduler.step_update(num_updates)
