@@ -68,10 +68,12 @@ def check_equal(pairs: Dict[str, Tuple[torch.nn.Module, torch.nn.Module]], img_s
 
 def measure(pairs, baselines: Dict[str, str], args: argparse.Namespace) -> List[Tuple[str, str, float, float, float]]:
     """(model, mode, before ms, after ms, baseline ms) per model and mode, medians of interleaved runs."""
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size).to(memory_format=args.memory_format)
     rows = []
     for name, (before, after) in pairs.items():
         baseline = timm.create_model(baselines[name])
+        for model in (before, after, baseline):
+            model.to(memory_format=args.memory_format)
         for mode, step in (('inference', _inference_step), ('training step', _training_step)):
             for model in (before, after, baseline):
                 model.train(mode != 'inference')
@@ -91,7 +93,7 @@ def render(rows, baselines: Dict[str, str], args: argparse.Namespace) -> str:
         '',
         f'Machine: {describe_machine(torch.get_num_threads())}. `benchmarks/ab_revision.py`: before, after and the '
         f'timm baseline in one process, the same weights, taking turns run by run; batch {args.batch_size}, '
-        f'{args.img_size}x{args.img_size}, NCHW, median of {args.repeats} runs after {args.warmup} warm-up runs. '
+        f'{args.img_size}x{args.img_size}, {args.format_name}, median of {args.repeats} runs after {args.warmup} warm-up runs. '
         f'Ratio = baseline ms / model ms (the model\'s speed as a fraction of its baseline\'s).',
         '',
         '| model | mode | before (ms) | after (ms) | after / before | baseline | ratio before | ratio after |',
@@ -109,11 +111,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--models', nargs='+', required=True, metavar='MODEL:BASELINE')
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--channels-last', action='store_true', help='models and input in channels_last memory')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--repeats', type=int, default=21)
     parser.add_argument('--out', type=Path, default=RESULTS, help='markdown file the results are appended to')
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    args.format_name = 'channels_last' if args.channels_last else 'NCHW'
+    return args
 
 
 def main() -> None:

@@ -11,21 +11,21 @@ by four attentions computed from the globally pooled input (pool -> 1x1 conv to 
 channels -> BatchNorm -> ReLU -> one 1x1 conv head each, divided by the temperature): over the input channels a_c
 (sigmoid), the output channels a_f (sigmoid; not for depthwise convs), the k x k kernel positions a_s (sigmoid; not
 for 1x1 kernels) and the kernels a_k (softmax; not for kernel_num 1). Parameters and their names map 1:1 onto the
-official ``ODConv2d``. :meth:`ODConv2d.forward_reference` computes Eq. 2 as the official code does (a_c on the input,
-a_f on the output, one conv with ``groups = batch * groups``); :meth:`ODConv2d.forward` gives the same numbers by the
-fastest computation for the call, chosen in ``zoo.layers.odconv_fast``.
+official ``ODConv2d``. :class:`ODConv2d` computes Eq. 2 in one of three
+ways (its docstring), all equal to float rounding.
 
 The attention's BatchNorm runs on the pooled (B, C) vectors; in training with a batch of one it normalises with its
 running statistics, where the official layer raises.
 """
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .odconv_fast import conv_over_batch, mixed_kernels, odconv
+from ._tracing import is_exporting
+from .odconv_fast import Attentions, ConvGeometry, grouped, per_sample_columns, shared_kernel_columns
 
 __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 
@@ -152,6 +152,22 @@ class ODConv2d(nn.Module):
     """Drop-in for ``nn.Conv2d`` (no bias): (B, C_in, H, W) -> (B, C_out, H', W') with per-sample dynamic kernels,
     in the input's memory format.
 
+    Three computations of the same numbers (``zoo/layers/odconv_fast.py``), one per call, as :meth:`computation` says:
+
+    * ``grouped``: each sample's kernel mixed from the static ones with all four attentions, then one conv over the
+      batch with ``groups = B * groups`` (the paper's and the official form). The default on every device.
+    * ``shared_kernel_columns`` (CPU): the input-channel and spatial attentions scale the input's im2col columns, so
+      the static kernel serves the whole batch in one GEMM; for kernel_num 1 when the kernel outweighs the maps.
+    * ``per_sample_columns``: each sample's mixed kernel times its im2col columns, one batched matmul. On CPU for
+      the other dense 1x1 convs; under export (torch.onnx, torch.jit.trace) and TorchScript for every conv, since
+      no op in it depends on the batch size.
+
+    Attributes:
+        columns_device: Device type on which the column computations run (a GEMM over columns beats oneDNN's grouped
+            conv over the batch there: benchmarks/RESULTS.md); any other device runs ``grouped``.
+        columns_max_positions: On ``columns_device``, a dense k x k conv (k > 1) with fewer output positions than
+            this runs on columns (their k * k copies of the input stay small), a larger one ``grouped``.
+
     A deploy form (``zoo.layers.fuse_conv_bn``) has a bias, added after the output-channel attention.
     """
 
@@ -189,6 +205,8 @@ class ODConv2d(nn.Module):
         self.in_chs, self.out_chs, self.kernel_size = in_chs, out_chs, kernel_size
         self.stride, self.dilation, self.groups, self.kernel_num = stride, dilation, groups, kernel_num
         self.padding = dilation * (kernel_size // 2) if padding is None else padding
+        self.columns_device = 'cpu'
+        self.columns_max_positions = 28 * 28
         self.attention = OmniAttention(
             in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
             min_channels=min_channels, device=device, dtype=dtype)
@@ -198,32 +216,40 @@ class ODConv2d(nn.Module):
         for kernel in self.weight.data:
             nn.init.kaiming_normal_(kernel, mode='fan_out', nonlinearity='relu')
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> 'ODConv2d':
-        # nn.Module.to(memory_format=torch.channels_last) (timm's --channels-last) converts 4-D and 5-D tensors alike
-        # and fails on 5-D ones: the kernel bank (and its gradient) goes through it as (kernel_num * C_out, ...).
-        def fn_4d(t: torch.Tensor) -> torch.Tensor:
-            return fn(t.flatten(0, 1)).view(t.shape) if t.dim() == 5 else fn(t)
-        return super()._apply(fn_4d, recurse)
-
     def extra_repr(self) -> str:
         return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
                 f'padding={self.padding}, groups={self.groups}, kernel_num={self.kernel_num}, '
                 f'bias={self.bias is not None}')
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channel, filters, spatial, kernels = self.attention(x)
-        return odconv(x, self.weight, self.bias, channel, filters, spatial, kernels, self.kernel_size, self.stride,
-                      self.padding, self.dilation, self.groups)
+    def computation(self, x: torch.Tensor) -> str:
+        """The computation for input x (B, C_in, H, W): ``per_sample_columns`` under export and TorchScript; on
+        ``columns_device``, for a dense conv that is 1x1 or has fewer than ``columns_max_positions`` output
+        positions, ``shared_kernel_columns`` where the static kernel (kernel_num 1) outweighs the maps it would
+        scale, else ``per_sample_columns`` for 1x1 kernels; ``grouped`` otherwise."""
+        if torch.jit.is_scripting() or is_exporting():
+            return 'per_sample_columns'
+        positions = self._geometry().out_size(x.shape[-2]) * self._geometry().out_size(x.shape[-1])
+        small = self.kernel_size == 1 or positions < self.columns_max_positions
+        if x.device.type != self.columns_device or self.groups != 1 or not small:
+            return 'grouped'
+        if self.kernel_num == 1 and self.weight[0].numel() >= x[0].numel() + self.out_chs * positions:
+            return 'shared_kernel_columns'
+        return 'per_sample_columns' if self.kernel_size == 1 else 'grouped'
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. 2 computed as the official code does: the input scaled by a_c, each sample's mixed kernel
-        sum_i a_ki * a_s * W_i, one conv with ``groups = batch * groups``, the output scaled by a_f."""
-        channel, filters, spatial, kernels = self.attention(x)
-        out = conv_over_batch(x * channel, mixed_kernels(self.weight, kernels, spatial).expand(
-            x.shape[0], -1, -1, -1, -1), None, self.stride, self.padding, self.dilation, self.groups)
-        if filters is not None:
-            out = out * filters
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+    def _geometry(self) -> ConvGeometry:
+        return ConvGeometry(self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = Attentions(*self.attention(x))
+        if torch.jit.is_scripting():
+            return per_sample_columns(x, self.weight, self.bias, attn, self._geometry())
+        else:
+            computation = self.computation(x)
+            if computation == 'shared_kernel_columns':
+                return shared_kernel_columns(x, self.weight, self.bias, attn, self._geometry())
+            if computation == 'per_sample_columns':
+                return per_sample_columns(x, self.weight, self.bias, attn, self._geometry())
+            return grouped(x, self.weight, self.bias, attn, self._geometry())
 
 
 def odconv_temperature(epoch: float, initial: float = 30., final: float = 1., anneal_epochs: float = 10.) -> float:
