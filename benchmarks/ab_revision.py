@@ -1,11 +1,12 @@
 """A/B of zoo's code at a git revision ("before") against the working tree ("after"), in one process.
 
-The package at ``--before`` is extracted from git as ``zoo_before`` and imported first; each model is built from it,
-then the working tree's ``zoo`` is imported (timm's registry then builds the new code) and the same model is built
-with the same weights. Before, after and the model's timm baseline take turns run by run (inference and a training
-step), so a slow spell of the shared machine hits all three alike. Results are appended to benchmarks/RESULTS.md.
+The package at ``--before`` is extracted from git as ``zoo_before``; each model is built from it and from the
+working tree's entrypoint (taken before ``zoo_before`` registers over it), with the same weights. Before, after and
+the model's timm baseline take turns run by run (inference and a training step), so a slow spell of the shared
+machine hits all three alike. Results are appended to benchmarks/RESULTS.md.
 
     python benchmarks/ab_revision.py --before 3676cb7 --models od_resnet18:resnet18 efficientmod_xxs:mobilenetv2_100
+    python benchmarks/ab_revision.py --before 7b1010c --channels-last --models od_resnet18:resnet18
 """
 import argparse
 import datetime
@@ -43,15 +44,19 @@ def import_revision(revision: str, into: Path):
 
 
 def build_pairs(names: List[str], revision: str, workdir: Path) -> Dict[str, Tuple[torch.nn.Module, torch.nn.Module]]:
-    """(before, after) of each model, the after one holding the before one's weights."""
+    """(before, after) of each model, the after one holding the before one's weights.
+
+    The working tree's entrypoints are taken before the revision registers its own over them (``bench`` has imported
+    the working tree's ``zoo`` already, so importing it again would not register it again).
+    """
+    after_entrypoints = {name: timm.models.model_entrypoint(name) for name in names}
     import_revision(revision, workdir)
     before = {name: timm.create_model(name) for name in names}
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        import zoo  # noqa: F401  (registers the working tree's models over the revision's)
     pairs = {}
     for name in names:
-        after = timm.create_model(name)
+        after = after_entrypoints[name]()
+        if type(after).__module__ == type(before[name]).__module__:
+            raise RuntimeError(f'{name}: before and after were built from the same code ({type(after).__module__})')
         after.load_state_dict(before[name].state_dict())
         pairs[name] = (before[name], after)
     return pairs

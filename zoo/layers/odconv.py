@@ -17,7 +17,7 @@ ways (its docstring), all equal to float rounding.
 The attention's BatchNorm runs on the pooled (B, C) vectors; in training with a batch of one it normalises with its
 running statistics, where the official layer raises.
 """
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from ._tracing import is_exporting
-from .odconv_fast import Attentions, ConvGeometry, grouped, per_sample_columns, shared_kernel_columns
+from .odconv_fast import Attentions, ConvGeometry, grouped, out_size, per_sample_columns, shared_kernel_columns
 
 __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 
@@ -168,6 +168,11 @@ class ODConv2d(nn.Module):
         columns_max_positions: On ``columns_device``, a dense k x k conv (k > 1) with fewer output positions than
             this runs on columns (their k * k copies of the input stay small), a larger one ``grouped``.
 
+    The static kernels are one parameter ``weight`` of kernel_num * C_out kernels (kernel_num * C_out, C_in / groups,
+    k, k), which ``nn.Module.to(memory_format=...)`` converts like any conv weight; :meth:`kernel_bank` views it as
+    (kernel_num, C_out, C_in / groups, k, k), the official layout, which is also the state dict's: a state-dict hook
+    writes it and a load pre-hook reads it (or the parameter's own layout), so official checkpoints load as they are.
+
     A deploy form (``zoo.layers.fuse_conv_bn``) has a bias, added after the output-channel attention.
     """
 
@@ -211,10 +216,17 @@ class ODConv2d(nn.Module):
             in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
             min_channels=min_channels, device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(
-            kernel_num, out_chs, in_chs // groups, kernel_size, kernel_size, device=device, dtype=dtype))
+            kernel_num * out_chs, in_chs // groups, kernel_size, kernel_size, device=device, dtype=dtype))
         self.register_parameter('bias', None)
-        for kernel in self.weight.data:
+        for kernel in self.kernel_bank().detach():
             nn.init.kaiming_normal_(kernel, mode='fan_out', nonlinearity='relu')
+        self.register_state_dict_post_hook(_bank_to_state_dict)
+        self.register_load_state_dict_pre_hook(_bank_from_state_dict)
+
+    def kernel_bank(self) -> torch.Tensor:
+        """The static kernels as (kernel_num, C_out, C_in / groups, k, k), a view of ``weight``."""
+        k = self.kernel_size
+        return self.weight.view(self.kernel_num, self.out_chs, self.in_chs // self.groups, k, k)
 
     def extra_repr(self) -> str:
         return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
@@ -228,11 +240,12 @@ class ODConv2d(nn.Module):
         scale, else ``per_sample_columns`` for 1x1 kernels; ``grouped`` otherwise."""
         if torch.jit.is_scripting() or is_exporting():
             return 'per_sample_columns'
-        positions = self._geometry().out_size(x.shape[-2]) * self._geometry().out_size(x.shape[-1])
+        conv = self._geometry()
+        positions = out_size(x.shape[-2], conv) * out_size(x.shape[-1], conv)
         small = self.kernel_size == 1 or positions < self.columns_max_positions
         if x.device.type != self.columns_device or self.groups != 1 or not small:
             return 'grouped'
-        if self.kernel_num == 1 and self.weight[0].numel() >= x[0].numel() + self.out_chs * positions:
+        if self.kernel_num == 1 and self.weight.numel() >= x[0].numel() + self.out_chs * positions:
             return 'shared_kernel_columns'
         return 'per_sample_columns' if self.kernel_size == 1 else 'grouped'
 
@@ -240,16 +253,30 @@ class ODConv2d(nn.Module):
         return ConvGeometry(self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn = Attentions(*self.attention(x))
+        attn, bank = Attentions(*self.attention(x)), self.kernel_bank()
         if torch.jit.is_scripting():
-            return per_sample_columns(x, self.weight, self.bias, attn, self._geometry())
+            return per_sample_columns(x, bank, self.bias, attn, self._geometry())
         else:
             computation = self.computation(x)
             if computation == 'shared_kernel_columns':
-                return shared_kernel_columns(x, self.weight, self.bias, attn, self._geometry())
+                return shared_kernel_columns(x, bank, self.bias, attn, self._geometry())
             if computation == 'per_sample_columns':
-                return per_sample_columns(x, self.weight, self.bias, attn, self._geometry())
-            return grouped(x, self.weight, self.bias, attn, self._geometry())
+                return per_sample_columns(x, bank, self.bias, attn, self._geometry())
+            return grouped(x, bank, self.bias, attn, self._geometry())
+
+
+def _bank_to_state_dict(module: ODConv2d, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """The state dict holds the kernel bank in the official (kernel_num, C_out, C_in / groups, k, k) layout."""
+    if prefix + 'weight' in state_dict:
+        state_dict[prefix + 'weight'] = state_dict[prefix + 'weight'].view(module.kernel_bank().shape)
+
+
+def _bank_from_state_dict(module: ODConv2d, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """A kernel bank in the official layout loads into the (kernel_num * C_out, ...) parameter; other shapes go on
+    to load_state_dict's own check."""
+    weight = state_dict.get(prefix + 'weight')
+    if isinstance(weight, torch.Tensor) and weight.shape == module.kernel_bank().shape:
+        state_dict[prefix + 'weight'] = weight.reshape(module.weight.shape)
 
 
 def odconv_temperature(epoch: float, initial: float = 30., final: float = 1., anneal_epochs: float = 10.) -> float:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ['Attentions', 'ConvGeometry', 'grouped', 'mixed_kernels', 'per_sample_columns', 'shared_kernel_columns']
+__all__ = ['Attentions', 'ConvGeometry', 'grouped', 'mixed_kernels', 'out_size', 'per_sample_columns', 'shared_kernel_columns']
 
 
 class Attentions(NamedTuple):
@@ -36,9 +36,10 @@ class ConvGeometry(NamedTuple):
     dilation: int
     groups: int
 
-    def out_size(self, size: int) -> int:
-        """Output length of an input side of ``size``."""
-        return (size + 2 * self.padding - self.dilation * (self.kernel_size - 1) - 1) // self.stride + 1
+
+def out_size(size: int, conv: ConvGeometry) -> int:
+    """Output length of an input side of ``size``."""
+    return (size + 2 * conv.padding - conv.dilation * (conv.kernel_size - 1) - 1) // conv.stride + 1
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -51,18 +52,18 @@ def mixed_kernels(weight: torch.Tensor, attn: Attentions, channels: bool = True)
     (kernel_num, C_out, C_in / groups, k, k) times the spatial attention and, if ``channels``, the input- and
     output-channel attentions. Without any varying attention, ``weight`` itself (1, ...)."""
     b, out_chs, in_per_group, k = attn.channel.shape[0], weight.shape[1], weight.shape[2], weight.shape[-1]
-    mixed = weight[:1] if attn.kernels is None else torch.mm(attn.kernels, weight.flatten(1)).view(
-        b, out_chs, in_per_group, k, k)
-    if attn.spatial is not None:
-        mixed = mixed * attn.spatial.view(-1, 1, 1, k, k)
+    kernels, spatial, filters = attn.kernels, attn.spatial, attn.filters  # locals: TorchScript refines Optionals
+    mixed = weight[:1] if kernels is None else torch.mm(kernels, weight.flatten(1)).view(b, out_chs, in_per_group, k, k)
+    if spatial is not None:
+        mixed = mixed * spatial.view(-1, 1, 1, k, k)
     if not channels:
         return mixed
     # the channel attentions meet first: (B, C_out, C_in / groups) is k * k times smaller than the kernels
     groups = attn.channel.shape[1] // in_per_group
     scale = attn.channel.view(b, groups, 1, in_per_group).expand(b, groups, out_chs // groups, in_per_group)
     scale = scale.reshape(b, out_chs, in_per_group)
-    if attn.filters is not None:
-        scale = scale * attn.filters.view(b, out_chs, 1)
+    if filters is not None:
+        scale = scale * filters.view(b, out_chs, 1)
     return mixed * scale.view(b, out_chs, in_per_group, 1, 1)
 
 
@@ -123,7 +124,7 @@ def shared_kernel_columns(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     if conv.kernel_size == 1:  # the columns are the input: a 1x1 conv in x's own memory format
         x = x if conv.stride == 1 else x[:, :, ::conv.stride, ::conv.stride]
         return _scale_and_shift(F.conv2d(x * attn.channel, kernel), attn.filters, bias)
-    ho, wo = conv.out_size(x.shape[-2]), conv.out_size(x.shape[-1])
+    ho, wo = out_size(x.shape[-2], conv), out_size(x.shape[-1], conv)
     rows = F.linear(_gated_columns(x, attn, conv), kernel.permute(0, 2, 3, 1).reshape(out_chs, -1))
     out = rows.view(b, ho, wo, out_chs).permute(0, 3, 1, 2)  # channels_last memory, no copy
     return _scale_and_shift(out if is_channels_last(x) else out.contiguous(), attn.filters, bias)
@@ -133,7 +134,7 @@ def _gated_columns(x: torch.Tensor, attn: Attentions, conv: ConvGeometry) -> tor
     """im2col columns (B, H' * W', k * k * C_in) of x, taps outermost within a row, scaled by the input-channel and
     spatial attentions."""
     b, c, k, p = x.shape[0], x.shape[1], conv.kernel_size, conv.padding
-    ho, wo = conv.out_size(x.shape[-2]), conv.out_size(x.shape[-1])
+    ho, wo = out_size(x.shape[-2], conv), out_size(x.shape[-1], conv)
     padded = _padded_channels_last(x, p)
     gate = attn.channel.view(b, 1, 1, 1, 1, c)
     if attn.spatial is not None:
@@ -195,7 +196,7 @@ def per_sample_columns(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """Each sample's kernel, all four attentions mixed in, times its im2col columns in one batched matmul (for a 1x1
     kernel the columns are the input itself), in ops whose captured graph serves every batch size."""
     b, out_chs, k = x.shape[0], weight.shape[1], conv.kernel_size
-    ho, wo = conv.out_size(x.shape[-2]), conv.out_size(x.shape[-1])
+    ho, wo = out_size(x.shape[-2], conv), out_size(x.shape[-1], conv)
     mixed = mixed_kernels(weight, attn).flatten(2).unflatten(1, (conv.groups, -1))  # (B|1, g, C_out / g, C_in/g*k*k)
     channels_last = is_channels_last(x)
     if k == 1 and conv.padding == 0:
@@ -207,6 +208,7 @@ def per_sample_columns(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if channels_last:  # rows of positions times the transposed kernels: (B, g, H' * W', C_out / g)
         out = torch.matmul(columns.transpose(-1, -2), mixed.transpose(-1, -2))
         out = out.permute(0, 2, 1, 3).reshape(b, ho, wo, out_chs).permute(0, 3, 1, 2)
+        out = out.contiguous(memory_format=torch.channels_last)  # a copy only where groups > 1 left it NCHW
     else:
         out = torch.matmul(mixed, columns).reshape(b, out_chs, ho, wo)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
