@@ -198,10 +198,10 @@ def test_train_mode_with_a_batch_of_one_uses_the_running_statistics():
 
 def test_temperature_flattens_the_attentions():
     layer, x = _make((8, 12, 3, 1, 1, 4, 9, 'grouped'), 3, train=False)
-    sharp = layer.attention(x)[3]
+    sharp = layer.attention(x).kernels
     set_temperature(layer, 30.)
     assert layer.attention.temperature == 30.
-    flat = layer.attention(x)[3]
+    flat = layer.attention(x).kernels
     spread = lambda p: p.max(dim=1).values - p.min(dim=1).values  # noqa: E731
     assert spread(flat).max() < spread(sharp).min()
     torch.testing.assert_close(flat.sum(dim=1), torch.ones(3, dtype=flat.dtype))

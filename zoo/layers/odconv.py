@@ -53,21 +53,21 @@ class OmniAttention(nn.Module):
     GEMM: on (B, C, 1, 1) tensors a conv call costs far more than its arithmetic.
     """
 
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            kernel_size: int,
-            groups: int = 1,
-            reduction: float = 0.0625,
-            kernel_num: int = 4,
-            min_channels: int = 16,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-    ) -> None:
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, attn_chs: int, groups: int = 1, kernel_num: int = 4,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """
+        Args:
+            in_chs: Input channels C_in of the ODConv.
+            out_chs: Output channels C_out of the ODConv.
+            kernel_size: Its square kernel size k.
+            attn_chs: Width of the hidden layer.
+            groups: Its convolution groups (``groups == C_in == C_out`` is depthwise: no output-channel head).
+            kernel_num: Its number of static kernels (1: no kernel head).
+            device: Device of the parameters.
+            dtype: Data type of the parameters.
+        """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        attn_chs = max(int(in_chs * reduction), min_channels)
         self.temperature = 1.0
         self.fc = nn.Conv2d(in_chs, attn_chs, 1, bias=False, **dd)
         self.bn = AttentionBatchNorm(attn_chs, **dd)
@@ -104,10 +104,8 @@ class OmniAttention(nn.Module):
                 present.append(bias)
         return torch.cat(weights).flatten(1), torch.cat(present)
 
-    def forward(self, x: torch.Tensor) -> Tuple[
-            torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Attentions over input channels (B, C_in, 1, 1), output channels (B, C_out, 1, 1) or None, kernel
-        positions (B, k * k) or None, and kernels (B, kernel_num) or None, in x's dtype."""
+    def forward(self, x: torch.Tensor) -> Attentions:
+        """The attentions of x, in x's dtype."""
         h, w = x.shape[-2:]
         if torch.jit.is_scripting():
             return self._attentions(x.sum((2, 3)) / (h * w))
@@ -117,11 +115,10 @@ class OmniAttention(nn.Module):
         # (0.01 against 5), which turns the rounding of a bfloat16 mean or layer into 10% errors of the attentions
         with torch.autocast(x.device.type, enabled=False):
             attentions = self._attentions(x.sum((2, 3), dtype=torch.float32) / (h * w))
-        return _cast(attentions[0], x.dtype), _cast(attentions[1], x.dtype), _cast(attentions[2], x.dtype), \
-            _cast(attentions[3], x.dtype)
+        return Attentions(attentions.channel.to(x.dtype), _cast(attentions.filters, x.dtype),
+                          _cast(attentions.spatial, x.dtype), _cast(attentions.kernels, x.dtype))
 
-    def _attentions(self, pooled: torch.Tensor) -> Tuple[
-            torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _attentions(self, pooled: torch.Tensor) -> Attentions:
         """The four attentions of the pooled input (B, C_in)."""
         b = pooled.shape[0]
         context = self.act(self.bn(F.linear(pooled, self.fc.weight.flatten(1))))
@@ -140,7 +137,7 @@ class OmniAttention(nn.Module):
         kernels: Optional[torch.Tensor] = None
         if kernel_chs:
             kernels = torch.softmax(logits[:, sigmoid_chs:], dim=1)
-        return channel, filters, spatial, kernels
+        return Attentions(channel, filters, spatial, kernels)
 
 
 def _cast(attention: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -213,8 +210,8 @@ class ODConv2d(nn.Module):
         self.columns_device = 'cpu'
         self.columns_max_positions = 28 * 28
         self.attention = OmniAttention(
-            in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
-            min_channels=min_channels, device=device, dtype=dtype)
+            in_chs, out_chs, kernel_size, max(int(in_chs * reduction), min_channels), groups=groups,
+            kernel_num=kernel_num, device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(
             kernel_num * out_chs, in_chs // groups, kernel_size, kernel_size, device=device, dtype=dtype))
         self.register_parameter('bias', None)
@@ -253,7 +250,7 @@ class ODConv2d(nn.Module):
         return ConvGeometry(self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn, bank = Attentions(*self.attention(x)), self.kernel_bank()
+        attn, bank = self.attention(x), self.kernel_bank()
         if torch.jit.is_scripting():
             return per_sample_columns(x, bank, self.bias, attn, self._geometry())
         else:
