@@ -98,7 +98,8 @@ def render(rows, baselines: Dict[str, str], args: argparse.Namespace) -> str:
         '',
         f'Machine: {describe_machine(torch.get_num_threads())}. `benchmarks/ab_revision.py`: before, after and the '
         f'timm baseline in one process, the same weights, taking turns run by run; batch {args.batch_size}, '
-        f'{args.img_size}x{args.img_size}, {args.format_name}, median of {args.repeats} runs after {args.warmup} warm-up runs. '
+        f'{args.img_size}x{args.img_size}, {args.format_name}, median of {args.repeats} runs after {args.warmup} '
+        f'warm-up runs. '
         f'Ratio = baseline ms / model ms (the model\'s speed as a fraction of its baseline\'s).',
         '',
         '| model | mode | before (ms) | after (ms) | after / before | baseline | ratio before | ratio after |',

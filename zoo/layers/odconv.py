@@ -250,16 +250,16 @@ class ODConv2d(nn.Module):
         return ConvGeometry(self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn, bank = self.attention(x), self.kernel_bank()
-        if torch.jit.is_scripting():
-            return per_sample_columns(x, bank, self.bias, attn, self._geometry())
+        attn, bank, conv = self.attention(x), self.kernel_bank(), self._geometry()
+        if torch.jit.is_scripting():  # TorchScript compiles no other branch: it cannot run an autograd Function
+            return per_sample_columns(x, bank, self.bias, attn, conv)
         else:
             computation = self.computation(x)
             if computation == 'shared_kernel_columns':
-                return shared_kernel_columns(x, bank, self.bias, attn, self._geometry())
+                return shared_kernel_columns(x, bank, self.bias, attn, conv)
             if computation == 'per_sample_columns':
-                return per_sample_columns(x, bank, self.bias, attn, self._geometry())
-            return grouped(x, bank, self.bias, attn, self._geometry())
+                return per_sample_columns(x, bank, self.bias, attn, conv)
+            return grouped(x, bank, self.bias, attn, conv)
 
 
 def _bank_to_state_dict(module: ODConv2d, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:

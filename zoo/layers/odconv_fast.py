@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ['Attentions', 'ConvGeometry', 'grouped', 'mixed_kernels', 'out_size', 'per_sample_columns', 'shared_kernel_columns']
+__all__ = ['Attentions', 'ConvGeometry', 'grouped', 'is_channels_last', 'mixed_kernels', 'out_size',
+           'per_sample_columns', 'shared_kernel_columns']
 
 
 class Attentions(NamedTuple):
@@ -47,17 +48,14 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def mixed_kernels(weight: torch.Tensor, attn: Attentions, channels: bool = True) -> torch.Tensor:
+def mixed_kernels(weight: torch.Tensor, attn: Attentions) -> torch.Tensor:
     """Per-sample kernels (B, C_out, C_in / groups, k, k): the kernel-attention mix of the static kernels ``weight``
-    (kernel_num, C_out, C_in / groups, k, k) times the spatial attention and, if ``channels``, the input- and
-    output-channel attentions. Without any varying attention, ``weight`` itself (1, ...)."""
+    (kernel_num, C_out, C_in / groups, k, k) times the spatial, input-channel and output-channel attentions."""
     b, out_chs, in_per_group, k = attn.channel.shape[0], weight.shape[1], weight.shape[2], weight.shape[-1]
     kernels, spatial, filters = attn.kernels, attn.spatial, attn.filters  # locals: TorchScript refines Optionals
     mixed = weight[:1] if kernels is None else torch.mm(kernels, weight.flatten(1)).view(b, out_chs, in_per_group, k, k)
     if spatial is not None:
         mixed = mixed * spatial.view(-1, 1, 1, k, k)
-    if not channels:
-        return mixed
     # the channel attentions meet first: (B, C_out, C_in / groups) is k * k times smaller than the kernels
     groups = attn.channel.shape[1] // in_per_group
     scale = attn.channel.view(b, groups, 1, in_per_group).expand(b, groups, out_chs // groups, in_per_group)
