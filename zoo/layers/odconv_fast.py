@@ -11,11 +11,10 @@ weight_n) + bias`` (B, C_out, H', W') in the input's memory format:
 * :func:`per_sample_columns` (CPU, export, TorchScript): each sample's mixed kernel times its im2col columns, one
   batched matmul; no op depends on the batch size, so a captured graph serves every batch.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 __all__ = ['Attentions', 'ConvGeometry', 'grouped', 'is_channels_last', 'mixed_kernels', 'out_size',
            'per_sample_columns', 'shared_kernel_columns']
@@ -141,9 +140,13 @@ def _gated_columns(x: torch.Tensor, attn: Attentions, conv: ConvGeometry) -> tor
     # the overlapping k x k windows of the input, a strided view (B, H', W', k, k, C_in)
     windows = padded.as_strided((b, ho, wo, k, k, c), (sb, conv.stride * sh, conv.stride * sw, conv.dilation * sh,
                                                        conv.dilation * sw, 1))
-    if torch.compiler.is_compiling():  # inductor mis-traces the in-place backward: autograd through the view
-        return (windows * gate).contiguous().view(b, ho * wo, k * k * c)
-    return _WindowsTimesGate.apply(padded, windows, gate).view(b, ho * wo, k * k * c)
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # autograd through the overlapping view: a hand-written backward that adds the taps' gradients in place bought
+        # 4% of od_resnet18's training step (benchmarks/RESULTS.md, 2026-12-04), under the 5% a computation must buy
+        columns = (windows * gate).contiguous()
+    else:  # the product written straight into a contiguous buffer (one pass; the line above makes two)
+        columns = torch.mul(windows, gate, out=torch.empty(windows.shape, dtype=x.dtype, device=x.device))
+    return columns.view(b, ho * wo, k * k * c)
 
 
 def _padded_channels_last(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -159,43 +162,14 @@ def _padded_channels_last(x: torch.Tensor, p: int) -> torch.Tensor:
     return padded
 
 
-class _WindowsTimesGate(torch.autograd.Function):
-    """``windows * gate`` into a fresh contiguous tensor, ``windows`` being an overlapping strided view of ``padded``
-    from its first element: the backward adds each of the k * k taps' gradients into one buffer in place (autograd
-    takes the slow general path of a view whose elements overlap: benchmarks/RESULTS.md, 2026-12-04)."""
-
-    @staticmethod
-    def forward(ctx, padded: torch.Tensor, windows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(padded, gate)
-        ctx.geometry = windows.shape, windows.stride()
-        return torch.mul(windows, gate, out=torch.empty(windows.shape, dtype=windows.dtype, device=windows.device))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, Optional[torch.Tensor]]:
-        padded, gate = ctx.saved_tensors
-        size, stride = ctx.geometry
-        grad_padded = grad_gate = None
-        if ctx.needs_input_grad[0]:
-            grad_padded = torch.zeros_like(padded)
-            tap_size, tap_stride = size[:3] + size[-1:], stride[:3] + stride[-1:]
-            for i in range(size[3]):
-                for j in range(size[4]):
-                    tap = grad_padded.as_strided(tap_size, tap_stride, i * stride[3] + j * stride[4])
-                    tap.addcmul_(grad[:, :, :, i, j], gate[:, :, :, i, j])
-        if ctx.needs_input_grad[2]:
-            windows = padded.as_strided(size, stride)
-            grad_gate = (grad * windows).sum((1, 2), keepdim=True).sum_to_size(gate.shape)
-        return grad_padded, None, grad_gate
-
-
 def per_sample_columns(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], attn: Attentions,
                        conv: ConvGeometry) -> torch.Tensor:
     """Each sample's kernel, all four attentions mixed in, times its im2col columns in one batched matmul (for a 1x1
     kernel the columns are the input itself), in ops whose captured graph serves every batch size."""
     b, out_chs, k = x.shape[0], weight.shape[1], conv.kernel_size
     ho, wo = out_size(x.shape[-2], conv), out_size(x.shape[-1], conv)
-    mixed = mixed_kernels(weight, attn).flatten(2).unflatten(1, (conv.groups, -1))  # (B|1, g, C_out / g, C_in/g*k*k)
+    # per-sample kernels (B, g, C_out / g, C_in / g * k * k)
+    mixed = mixed_kernels(weight, attn).flatten(2).unflatten(1, (conv.groups, -1))
     channels_last = is_channels_last(x)
     if k == 1 and conv.padding == 0:
         x = x[:, :, ::conv.stride, ::conv.stride]
