@@ -1,10 +1,11 @@
-"""What ODConv's two hand-written autograd Functions buy: a training step with each against the same step with
-autograd's own backward in its place, the two taking turns on the same model in one process.
+"""What ODConv's hand-written autograd Function buys: a training step with it against the same step with autograd's
+own backward in its place, the two taking turns on the same model in one process.
 
-* ``_WindowsTimesGate`` (im2col columns of ``shared_kernel_columns``) against ``(windows * gate).contiguous()``,
-  autograd through the overlapping view: od_resnet18, NCHW.
 * ``_SamplesIntoChannels`` (``grouped`` on a channels_last input) against the permute-and-copy with autograd's
   permuted gradient: od_mobilenetv2_100, channels_last.
+
+(``_WindowsTimesGate``, the in-place backward of the im2col columns, was measured by this script at f2768af and
+removed: benchmarks/RESULTS.md, 2026-12-04.)
 
     python benchmarks/odconv_autograd_functions.py
 """
@@ -20,8 +21,6 @@ from bench import RESULTS, _training_step, describe_machine, interleaved_median_
 from zoo.layers import odconv_fast
 
 CASES = (
-    ('_WindowsTimesGate', 'od_resnet18', torch.contiguous_format, odconv_fast._WindowsTimesGate,
-     lambda padded, windows, gate: (windows * gate).contiguous()),
     ('_SamplesIntoChannels', 'od_mobilenetv2_100', torch.channels_last, odconv_fast._SamplesIntoChannels,
      odconv_fast._samples_into_channels),
 )
