@@ -1,11 +1,12 @@
 """A/B of zoo's code at a git revision ("before") against the working tree ("after"), in one process.
 
-The package at ``--before`` is extracted from git as ``zoo_before`` and imported first; each model is built from it,
-then the working tree's ``zoo`` is imported (timm's registry then builds the new code) and the same model is built
-with the same weights. Before, after and the model's timm baseline take turns run by run (inference and a training
-step), so a slow spell of the shared machine hits all three alike. Results are appended to benchmarks/RESULTS.md.
+The package at ``--before`` is extracted from git as ``zoo_before``; each model is built from it and from the
+working tree's entrypoint (taken before ``zoo_before`` registers over it), with the same weights. Before, after and
+the model's timm baseline take turns run by run (inference and a training step), so a slow spell of the shared
+machine hits all three alike. Results are appended to benchmarks/RESULTS.md.
 
     python benchmarks/ab_revision.py --before 3676cb7 --models od_resnet18:resnet18 efficientmod_xxs:mobilenetv2_100
+    python benchmarks/ab_revision.py --before 7b1010c --channels-last --models od_resnet18:resnet18
 """
 import argparse
 import datetime
@@ -43,15 +44,19 @@ def import_revision(revision: str, into: Path):
 
 
 def build_pairs(names: List[str], revision: str, workdir: Path) -> Dict[str, Tuple[torch.nn.Module, torch.nn.Module]]:
-    """(before, after) of each model, the after one holding the before one's weights."""
+    """(before, after) of each model, the after one holding the before one's weights.
+
+    The working tree's entrypoints are taken before the revision registers its own over them (``benchlib`` has imported
+    the working tree's ``zoo`` already, so importing it again would not register it again).
+    """
+    after_entrypoints = {name: timm.models.model_entrypoint(name) for name in names}
     import_revision(revision, workdir)
     before = {name: timm.create_model(name) for name in names}
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        import zoo  # noqa: F401  (registers the working tree's models over the revision's)
     pairs = {}
     for name in names:
-        after = timm.create_model(name)
+        after = after_entrypoints[name]()
+        if type(after).__module__ == type(before[name]).__module__:
+            raise RuntimeError(f'{name}: before and after were built from the same code ({type(after).__module__})')
         after.load_state_dict(before[name].state_dict())
         pairs[name] = (before[name], after)
     return pairs
@@ -68,10 +73,12 @@ def check_equal(pairs: Dict[str, Tuple[torch.nn.Module, torch.nn.Module]], img_s
 
 def measure(pairs, baselines: Dict[str, str], args: argparse.Namespace) -> List[Tuple[str, str, float, float, float]]:
     """(model, mode, before ms, after ms, baseline ms) per model and mode, medians of interleaved runs."""
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size).to(memory_format=args.memory_format)
     rows = []
     for name, (before, after) in pairs.items():
         baseline = timm.create_model(baselines[name])
+        for model in (before, after, baseline):
+            model.to(memory_format=args.memory_format)
         for mode, step in (('inference', inference_step), ('training step', training_step)):
             for model in (before, after, baseline):
                 model.train(mode != 'inference')
@@ -91,7 +98,8 @@ def render(rows, baselines: Dict[str, str], args: argparse.Namespace) -> str:
         '',
         f'Machine: {describe_machine(torch.get_num_threads())}. `benchmarks/ab_revision.py`: before, after and the '
         f'timm baseline in one process, the same weights, taking turns run by run; batch {args.batch_size}, '
-        f'{args.img_size}x{args.img_size}, NCHW, median of {args.repeats} runs after {args.warmup} warm-up runs. '
+        f'{args.img_size}x{args.img_size}, {args.format_name}, median of {args.repeats} runs after {args.warmup} '
+        f'warm-up runs. '
         f'Ratio = baseline ms / model ms (the model\'s speed as a fraction of its baseline\'s).',
         '',
         '| model | mode | before (ms) | after (ms) | after / before | baseline | ratio before | ratio after |',
@@ -109,11 +117,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--models', nargs='+', required=True, metavar='MODEL:BASELINE')
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--channels-last', action='store_true', help='models and input in channels_last memory')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--repeats', type=int, default=21)
     parser.add_argument('--out', type=Path, default=RESULTS, help='markdown file the results are appended to')
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    args.format_name = 'channels_last' if args.channels_last else 'NCHW'
+    return args
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
 """EfficientMod: the modulation operator, the architectures' options, the deploy-time fusion and ONNX export
 (official checkpoints: test_official_checkpoints.py)."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -11,40 +13,46 @@ from zoo.layers import EfficientModulation
 from zoo.models.efficientmod import AttentionBlock, ModulationBlock
 from tests.helpers import assert_logits_close, load_reference
 
-def _official_modulation(op: EfficientModulation, x: torch.Tensor) -> torch.Tensor:
-    """The official formula: the context repeated ``ratio`` times along channels, then multiplied."""
-    ctx = op.context.g(F.gelu(op.context.conv(op.context.f(x).permute(0, 3, 1, 2))).permute(0, 2, 3, 1))
-    v = op.fc1(x)
+def paper_modulation(op: EfficientModulation, x: torch.Tensor) -> torch.Tensor:
+    """The official formula from the parameters alone: ``fc2(act(fc1(x)) * ctx(x).repeat(ratio))`` with
+    ``ctx = g(gelu(dwconv(f(x))))`` on (B, H, W, C) maps (no activation after fc1 at ratio 1)."""
+    ctx = F.linear(x, op.context.f.weight, op.context.f.bias).permute(0, 3, 1, 2)
+    ctx = F.gelu(F.conv2d(ctx, op.context.conv.weight, op.context.conv.bias, padding=op.context.conv.padding,
+                          groups=ctx.shape[1])).permute(0, 2, 3, 1)
+    ctx = F.linear(ctx, op.context.g.weight, op.context.g.bias)
+    v = F.linear(x, op.fc1.weight, op.fc1.bias)
     if op.ratio > 1:
-        return op.fc2(F.gelu(v) * ctx.repeat(1, 1, 1, op.ratio))
-    return op.fc2(v * ctx)
+        v = F.gelu(v)
+    return F.linear(v * ctx.repeat(1, 1, 1, op.ratio), op.fc2.weight, op.fc2.bias)
 
 
 class TestModulation:
+    @pytest.mark.parametrize('batch_size', [1, 2])
     @pytest.mark.parametrize('ratio', [1, 4, 6])
-    def test_broadcast_equals_the_official_repeat_in_outputs_and_gradients(self, ratio):
+    def test_autograd_form_equals_the_paper_in_outputs_and_gradients(self, ratio, batch_size):
         torch.manual_seed(0)
         op = EfficientModulation(8, ratio).double()
-        x = torch.randn(2, 5, 6, 8, dtype=torch.double, requires_grad=True)
-        ours, official = op(x), _official_modulation(op, x)
-        torch.testing.assert_close(ours, official)
+        x = torch.randn(batch_size, 5, 6, 8, dtype=torch.double, requires_grad=True)
+        ours, paper = op(x), paper_modulation(op, x)
+        torch.testing.assert_close(ours, paper, rtol=1e-12, atol=1e-12)
         grad = torch.randn_like(ours)
         got = torch.autograd.grad(ours, [x, *op.parameters()], grad)
-        want = torch.autograd.grad(official, [x, *op.parameters()], grad)
+        want = torch.autograd.grad(paper, [x, *op.parameters()], grad)
         for g, w in zip(got, want):
-            torch.testing.assert_close(g, w)
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
+    @pytest.mark.parametrize('batch_size', [1, 2])
     @pytest.mark.parametrize('ratio', [1, 6])
     @pytest.mark.parametrize('chunk_rows', [None, 7])  # whole, or 7 positions at a time with a ragged last chunk
-    def test_inference_reuses_buffers_without_changing_outputs_or_the_input(self, ratio, chunk_rows):
-        op = EfficientModulation(8, ratio).eval()
+    def test_in_place_inference_equals_the_paper_and_leaves_the_input(self, ratio, chunk_rows, batch_size):
+        torch.manual_seed(0)
+        op = EfficientModulation(8, ratio).double().eval()
         if chunk_rows:
             op.chunk_elements = chunk_rows * 8 * ratio
-        x = torch.randn(2, 5, 6, 8)
+        x = torch.randn(batch_size, 5, 6, 8, dtype=torch.double)
         x_before = x.clone()
         with torch.no_grad():
-            reused = op(x)
-        torch.testing.assert_close(reused, op(x))
+            torch.testing.assert_close(op(x), paper_modulation(op, x), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(x, x_before, rtol=0, atol=0)
 
     def test_a_graph_traced_without_autograd_serves_any_batch(self):
@@ -89,6 +97,20 @@ def official_model():
     model = timm.create_model('efficientmod_xxs', pretrained=True,
                               pretrained_cfg_overlay=dict(state_dict=ref.state_dict)).eval()
     return model, ref
+
+
+def test_official_logits_from_both_computations(official_model):
+    """In place without autograd (chunked on CPU, or whole), and the autograd form."""
+    model, ref = official_model
+    x, expected = ref.inputs[0], ref.outputs[0]
+    assert_logits_close(model(x).detach(), expected)
+    with torch.no_grad():
+        assert_logits_close(model(x), expected)
+        whole = copy.deepcopy(model)
+        for m in whole.modules():
+            if isinstance(m, EfficientModulation):
+                m.chunk_elements = 10 ** 9
+        assert_logits_close(whole(x), expected)
 
 
 class TestDeployFusion:

@@ -9,7 +9,7 @@ from timm.utils import reparameterize_model
 
 import zoo
 from zoo.layers import ODConv2d
-from tests.helpers import relative_error, with_random_batchnorm_statistics
+from tests.helpers import assert_logits_close, relative_error, with_random_batchnorm_statistics
 
 
 def test_every_block_conv_is_dynamic_and_the_stem_and_shortcuts_static():
@@ -52,12 +52,15 @@ def test_reparameterized_equals_the_training_form(model_name):
 
 @pytest.mark.parametrize('model_name', ['od_resnet18', 'od_mobilenetv2_050_4x'])
 def test_channels_last_conversion_keeps_outputs_gradients_and_state_dict(model_name):
-    """timm's --channels-last runs ``model.to(memory_format=torch.channels_last)``, which converts 5-D tensors too:
-    the (kernel_num, C_out, C_in, k, k) kernel banks keep their shape and get taps-outermost memory."""
+    """timm's --channels-last runs ``model.to(memory_format=torch.channels_last)``: the (kernel_num * C_out, C_in, k,
+    k) kernel banks convert like conv weights, and the state dict keeps the official (kernel_num, C_out, C_in, k, k)
+    layout."""
     model = with_random_batchnorm_statistics(timm.create_model(model_name)).double()
     converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    bank = converted.get_submodule('layer1.0.conv1' if model_name.startswith('od_resnet') else 'features.1.conv.1')
-    assert isinstance(bank, ODConv2d) and bank.weight.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    bank_name = 'layer1.0.conv1' if model_name.startswith('od_resnet') else 'features.1.conv.1'
+    bank = converted.get_submodule(bank_name)
+    assert isinstance(bank, ODConv2d) and bank.weight.is_contiguous(memory_format=torch.channels_last)
+    assert converted.state_dict()[bank_name + '.weight'].shape == bank.kernel_bank().shape
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     assert {k: v.shape for k, v in converted.state_dict().items()} == shapes
     x = torch.randn(2, 3, 128, 128, dtype=torch.float64)  # 32 x 32 in the first stage: per-sample and column forms
@@ -77,3 +80,23 @@ def test_traced_at_batch_one_equals_eager_at_batch_four(model_name):
     with torch.no_grad():
         traced = torch.jit.trace(model, x[:1])
         assert relative_error(traced(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize('model_name', ['od_resnet18', 'od_mobilenetv2_050_4x'])
+def test_official_logits_from_every_computation(reference, model_name):
+    """The official checkpoints' logits as the rule chooses (columns on the small maps and the 1x1 convs), with only
+    the conv over the batch (as on a GPU), in channels_last, and with autograd on (the columns' autograd forms)."""
+    ref = reference(model_name)
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=ref.state_dict))
+    model.eval()
+    x, expected = ref.inputs[0], ref.outputs[0]
+    with torch.no_grad():
+        assert_logits_close(model(x), expected)
+        assert_logits_close(model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last)),
+                            expected)
+    assert_logits_close(model(x).detach(), expected)
+    for m in model.modules():
+        if isinstance(m, ODConv2d):
+            m.columns_device = 'none'
+    with torch.no_grad():
+        assert_logits_close(model(x), expected)

@@ -37,9 +37,9 @@ def norm_affine(norm: Union[BatchNorm, nn.Identity], channels: int,
     return batchnorm_affine(norm)
 
 
-def _output_dim(layer: Union[nn.Conv2d, nn.Linear, ODConv2d]) -> int:
-    """The weight dimension of the output channels (ODConv2d's kernel bank is (kernel_num, C_out, ...))."""
-    return 1 if isinstance(layer, ODConv2d) else 0
+def _per_weight_row(layer: Union[nn.Conv2d, nn.Linear, ODConv2d], values: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel ``values`` (C_out,) for each row of the weight: an ODConv2d's holds kernel_num * C_out."""
+    return values.repeat(layer.kernel_num) if isinstance(layer, ODConv2d) else values
 
 
 def _layer_like(layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> Layer:
@@ -62,7 +62,7 @@ def _layer_like(layer: Layer, weight: torch.Tensor, bias: torch.Tensor) -> Layer
 
 def _bias64(layer: Union[nn.Conv2d, nn.Linear, ODConv2d]) -> torch.Tensor:
     if layer.bias is None:
-        channels = layer.weight.shape[_output_dim(layer)]
+        channels = layer.out_chs if isinstance(layer, ODConv2d) else layer.weight.shape[0]
         return torch.zeros(channels, dtype=torch.float64, device=layer.weight.device)
     return layer.bias.double()
 
@@ -81,7 +81,7 @@ def with_output_affine(layer: Layer, scale: torch.Tensor, shift: Optional[torch.
     For an ODConv2d the scale goes into the static kernels (a per-output-channel scale commutes with every attention)
     and the shift into the bias added after the output-channel attention.
     """
-    weight = layer.weight.double() * _along(scale, _output_dim(layer), layer.weight)
+    weight = layer.weight.double() * _along(_per_weight_row(layer, scale), 0, layer.weight)
     bias = _bias64(layer) * scale.double()
     if shift is not None:
         bias = bias + shift.double()

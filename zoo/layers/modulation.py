@@ -6,23 +6,25 @@ Paper: `Efficient Modulation for Vision Networks` - https://arxiv.org/abs/2403.1
 depthwise convolution (7x7 in every published model) with GELU, and a projection ``g`` back. When the block
 expands (ratio r > 1) the context is computed at the input width and multiplied into all r slices of the expanded
 projection, as the official code's ``repeat(1, 1, 1, r)`` does; the broadcast here never materialises the copies.
-Blocks with ratio 1 have no activation after ``fc1`` (official behaviour). Without autograd (inference), the
-activation and the modulation overwrite ``fc1``'s output instead of allocating new tensors, and on CPU large maps
-are processed a few thousand positions at a time so that the expansion stays in the cache; both match the autograd
-path to float32 rounding. A forward hook on ``fc1`` or ``context.conv`` therefore sees a tensor that is overwritten
-afterwards when autograd is off: copy it in the hook.
+Blocks with ratio 1 have no activation after ``fc1`` (official behaviour).
+
+Two computations of the same numbers, chosen in :meth:`EfficientModulation.forward`: with autograd (and under
+torch.compile, export and TorchScript) the formula as written; without it (inference) the activation and the
+modulation overwrite ``fc1``'s output instead of allocating new tensors, on CPU a chunk of positions at a time so that
+the expansion stays in the cache. A forward hook on ``fc1`` or ``context.conv`` therefore sees a tensor that is
+overwritten afterwards when autograd is off: copy it in the hook.
 """
-from typing import Optional, Type
+from typing import List, Optional, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import register_notrace_function, register_notrace_module
+from timm.layers import register_notrace_module
 
 from ._tracing import is_compiling
 
-__all__ = ['EfficientModulation', 'InplaceGELU', 'ModulationContext', 'modulate']
+__all__ = ['EfficientModulation', 'InplaceGELU', 'ModulationContext']
 
 
 @register_notrace_module  # decided per call: an FX graph traced without autograd must not bake in the overwrite
@@ -41,17 +43,6 @@ class InplaceGELU(nn.GELU):
 
 def _reusing(act_layer: Type[nn.Module]) -> nn.Module:
     return InplaceGELU() if act_layer is nn.GELU else act_layer()
-
-
-@register_notrace_function  # decided per call, as InplaceGELU
-def modulate(x: torch.Tensor, context: torch.Tensor, ratio: int) -> torch.Tensor:
-    """``x`` (.., ratio * C) times ``context`` (.., C) repeated ``ratio`` times along channels, without copying the
-    context; when autograd is off ``x`` (a fresh layer output) is overwritten with the result."""
-    slices = x.unflatten(-1, (ratio, context.shape[-1]))
-    if torch.is_grad_enabled():
-        return (slices * context.unsqueeze(-2)).flatten(-2)
-    slices.mul_(context.unsqueeze(-2))
-    return x
 
 
 class ModulationContext(nn.Module):
@@ -86,6 +77,10 @@ class EfficientModulation(nn.Module):
         drop: Dropout after the modulation and after ``fc2``.
         device: Device of the parameters.
         dtype: Data type of the parameters.
+
+    Attributes:
+        chunk_elements: Elements of the expansion made at a time on CPU without autograd (the default, about 3 MB of
+            float32, stays in a CPU's cache).
     """
 
     def __init__(
@@ -109,26 +104,30 @@ class EfficientModulation(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(dim * self.ratio, dim, **dd)
         self.drop2 = nn.Dropout(drop)
-        # elements of the expansion made at a time without autograd: ~3 MB of float32, cache-resident on CPUs
         self.chunk_elements = 4096 * 192
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.context(x)
-        shape = x.shape
-        positions = x.numel() // shape[-1]
-        rows = max(1, self.chunk_elements // self.fc1.out_features)
-        if torch.is_grad_enabled() or is_compiling() or x.device.type != 'cpu' or positions <= rows:
+        if torch.jit.is_scripting() or torch.is_grad_enabled() or is_compiling():
             return self._modulate(x, context)
-        # without autograd on CPU, the expansion is made and consumed a few thousand positions at a time: the
-        # largest tensors of the network then stay in the cache (1.25x faster on the first stage's blocks)
-        x, context = x.reshape(positions, -1), context.reshape(positions, -1)
-        outs = [self._modulate(x[start:start + rows], context[start:start + rows])
-                for start in range(0, positions, rows)]
-        return torch.cat(outs).view(shape)
+        return self._modulate_in_place(x, context)
 
     def _modulate(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        if self.ratio > 1:
-            x = self.act(x)
-        x = modulate(x, context, self.ratio)
+        """The formula, the context broadcast over the ``ratio`` slices of the expansion (no copies of it)."""
+        x = self.act(self.fc1(x))
+        x = (x.unflatten(-1, (self.ratio, -1)) * context.unsqueeze(-2)).flatten(-2)
         return self.drop2(self.fc2(self.drop1(x)))
+
+    def _modulate_in_place(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The formula without autograd, overwriting ``fc1``'s output; on CPU ``chunk_elements`` of the expansion at
+        a time: the largest tensors of the network then stay in the cache (1.25x faster on the first stage's
+        blocks)."""
+        shape, positions = x.shape, x.numel() // x.shape[-1]
+        x, context = x.reshape(positions, -1), context.reshape(positions, -1)
+        rows = max(1, self.chunk_elements // self.fc1.out_features) if x.device.type == 'cpu' else positions
+        outs: List[torch.Tensor] = []
+        for start in range(0, positions, rows):
+            expanded = self.act(self.fc1(x[start:start + rows]))  # InplaceGELU: in place
+            expanded.unflatten(-1, (self.ratio, -1)).mul_(context[start:start + rows].unsqueeze(-2))
+            outs.append(self.drop2(self.fc2(self.drop1(expanded))))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).view(shape)

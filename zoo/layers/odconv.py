@@ -11,21 +11,21 @@ by four attentions computed from the globally pooled input (pool -> 1x1 conv to 
 channels -> BatchNorm -> ReLU -> one 1x1 conv head each, divided by the temperature): over the input channels a_c
 (sigmoid), the output channels a_f (sigmoid; not for depthwise convs), the k x k kernel positions a_s (sigmoid; not
 for 1x1 kernels) and the kernels a_k (softmax; not for kernel_num 1). Parameters and their names map 1:1 onto the
-official ``ODConv2d``. :meth:`ODConv2d.forward_reference` computes Eq. 2 as the official code does (a_c on the input,
-a_f on the output, one conv with ``groups = batch * groups``); :meth:`ODConv2d.forward` gives the same numbers by the
-fastest computation for the call, chosen in ``zoo.layers.odconv_fast``.
+official ``ODConv2d``. :class:`ODConv2d` computes Eq. 2 in one of three
+ways (its docstring), all equal to float rounding.
 
 The attention's BatchNorm runs on the pooled (B, C) vectors; in training with a batch of one it normalises with its
 running statistics, where the official layer raises.
 """
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .odconv_fast import conv_over_batch, mixed_kernels, odconv
+from ._tracing import is_exporting
+from .odconv_fast import Attentions, ConvGeometry, grouped, out_size, per_sample_columns, shared_kernel_columns
 
 __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 
@@ -53,21 +53,21 @@ class OmniAttention(nn.Module):
     GEMM: on (B, C, 1, 1) tensors a conv call costs far more than its arithmetic.
     """
 
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            kernel_size: int,
-            groups: int = 1,
-            reduction: float = 0.0625,
-            kernel_num: int = 4,
-            min_channels: int = 16,
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
-    ) -> None:
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, attn_chs: int, groups: int = 1, kernel_num: int = 4,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """
+        Args:
+            in_chs: Input channels C_in of the ODConv.
+            out_chs: Output channels C_out of the ODConv.
+            kernel_size: Its square kernel size k.
+            attn_chs: Width of the hidden layer.
+            groups: Its convolution groups (``groups == C_in == C_out`` is depthwise: no output-channel head).
+            kernel_num: Its number of static kernels (1: no kernel head).
+            device: Device of the parameters.
+            dtype: Data type of the parameters.
+        """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        attn_chs = max(int(in_chs * reduction), min_channels)
         self.temperature = 1.0
         self.fc = nn.Conv2d(in_chs, attn_chs, 1, bias=False, **dd)
         self.bn = AttentionBatchNorm(attn_chs, **dd)
@@ -104,10 +104,8 @@ class OmniAttention(nn.Module):
                 present.append(bias)
         return torch.cat(weights).flatten(1), torch.cat(present)
 
-    def forward(self, x: torch.Tensor) -> Tuple[
-            torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Attentions over input channels (B, C_in, 1, 1), output channels (B, C_out, 1, 1) or None, kernel
-        positions (B, k * k) or None, and kernels (B, kernel_num) or None, in x's dtype."""
+    def forward(self, x: torch.Tensor) -> Attentions:
+        """The attentions of x, in x's dtype."""
         h, w = x.shape[-2:]
         if torch.jit.is_scripting():
             return self._attentions(x.sum((2, 3)) / (h * w))
@@ -117,11 +115,10 @@ class OmniAttention(nn.Module):
         # (0.01 against 5), which turns the rounding of a bfloat16 mean or layer into 10% errors of the attentions
         with torch.autocast(x.device.type, enabled=False):
             attentions = self._attentions(x.sum((2, 3), dtype=torch.float32) / (h * w))
-        return _cast(attentions[0], x.dtype), _cast(attentions[1], x.dtype), _cast(attentions[2], x.dtype), \
-            _cast(attentions[3], x.dtype)
+        return Attentions(attentions.channel.to(x.dtype), _cast(attentions.filters, x.dtype),
+                          _cast(attentions.spatial, x.dtype), _cast(attentions.kernels, x.dtype))
 
-    def _attentions(self, pooled: torch.Tensor) -> Tuple[
-            torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _attentions(self, pooled: torch.Tensor) -> Attentions:
         """The four attentions of the pooled input (B, C_in)."""
         b = pooled.shape[0]
         context = self.act(self.bn(F.linear(pooled, self.fc.weight.flatten(1))))
@@ -140,7 +137,7 @@ class OmniAttention(nn.Module):
         kernels: Optional[torch.Tensor] = None
         if kernel_chs:
             kernels = torch.softmax(logits[:, sigmoid_chs:], dim=1)
-        return channel, filters, spatial, kernels
+        return Attentions(channel, filters, spatial, kernels)
 
 
 def _cast(attention: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -151,6 +148,27 @@ def _cast(attention: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[tor
 class ODConv2d(nn.Module):
     """Drop-in for ``nn.Conv2d`` (no bias): (B, C_in, H, W) -> (B, C_out, H', W') with per-sample dynamic kernels,
     in the input's memory format.
+
+    Three computations of the same numbers (``zoo/layers/odconv_fast.py``), one per call, as :meth:`computation` says:
+
+    * ``grouped``: each sample's kernel mixed from the static ones with all four attentions, then one conv over the
+      batch with ``groups = B * groups`` (the paper's and the official form). The default on every device.
+    * ``shared_kernel_columns`` (CPU): the input-channel and spatial attentions scale the input's im2col columns, so
+      the static kernel serves the whole batch in one GEMM; for kernel_num 1 when the kernel outweighs the maps.
+    * ``per_sample_columns``: each sample's mixed kernel times its im2col columns, one batched matmul. On CPU for
+      the other dense 1x1 convs; under export (torch.onnx, torch.jit.trace) and TorchScript for every conv, since
+      no op in it depends on the batch size.
+
+    Attributes:
+        columns_device: Device type on which the column computations run (a GEMM over columns beats oneDNN's grouped
+            conv over the batch there: benchmarks/RESULTS.md); any other device runs ``grouped``.
+        columns_max_positions: On ``columns_device``, a dense k x k conv (k > 1) with fewer output positions than
+            this runs on columns (their k * k copies of the input stay small), a larger one ``grouped``.
+
+    The static kernels are one parameter ``weight`` of kernel_num * C_out kernels (kernel_num * C_out, C_in / groups,
+    k, k), which ``nn.Module.to(memory_format=...)`` converts like any conv weight; :meth:`kernel_bank` views it as
+    (kernel_num, C_out, C_in / groups, k, k), the official layout, which is also the state dict's: a state-dict hook
+    writes it and a load pre-hook reads it (or the parameter's own layout), so official checkpoints load as they are.
 
     A deploy form (``zoo.layers.fuse_conv_bn``) has a bias, added after the output-channel attention.
     """
@@ -189,41 +207,73 @@ class ODConv2d(nn.Module):
         self.in_chs, self.out_chs, self.kernel_size = in_chs, out_chs, kernel_size
         self.stride, self.dilation, self.groups, self.kernel_num = stride, dilation, groups, kernel_num
         self.padding = dilation * (kernel_size // 2) if padding is None else padding
+        self.columns_device = 'cpu'
+        self.columns_max_positions = 28 * 28
         self.attention = OmniAttention(
-            in_chs, out_chs, kernel_size, groups=groups, reduction=reduction, kernel_num=kernel_num,
-            min_channels=min_channels, device=device, dtype=dtype)
+            in_chs, out_chs, kernel_size, max(int(in_chs * reduction), min_channels), groups=groups,
+            kernel_num=kernel_num, device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(
-            kernel_num, out_chs, in_chs // groups, kernel_size, kernel_size, device=device, dtype=dtype))
+            kernel_num * out_chs, in_chs // groups, kernel_size, kernel_size, device=device, dtype=dtype))
         self.register_parameter('bias', None)
-        for kernel in self.weight.data:
+        for kernel in self.kernel_bank().detach():
             nn.init.kaiming_normal_(kernel, mode='fan_out', nonlinearity='relu')
+        self.register_state_dict_post_hook(_bank_to_state_dict)
+        self.register_load_state_dict_pre_hook(_bank_from_state_dict)
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> 'ODConv2d':
-        # nn.Module.to(memory_format=torch.channels_last) (timm's --channels-last) converts 4-D and 5-D tensors alike
-        # and fails on 5-D ones: the kernel bank (and its gradient) goes through it as (kernel_num * C_out, ...).
-        def fn_4d(t: torch.Tensor) -> torch.Tensor:
-            return fn(t.flatten(0, 1)).view(t.shape) if t.dim() == 5 else fn(t)
-        return super()._apply(fn_4d, recurse)
+    def kernel_bank(self) -> torch.Tensor:
+        """The static kernels as (kernel_num, C_out, C_in / groups, k, k), a view of ``weight``."""
+        k = self.kernel_size
+        return self.weight.view(self.kernel_num, self.out_chs, self.in_chs // self.groups, k, k)
 
     def extra_repr(self) -> str:
         return (f'{self.in_chs}, {self.out_chs}, kernel_size={self.kernel_size}, stride={self.stride}, '
                 f'padding={self.padding}, groups={self.groups}, kernel_num={self.kernel_num}, '
                 f'bias={self.bias is not None}')
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channel, filters, spatial, kernels = self.attention(x)
-        return odconv(x, self.weight, self.bias, channel, filters, spatial, kernels, self.kernel_size, self.stride,
-                      self.padding, self.dilation, self.groups)
+    def computation(self, x: torch.Tensor) -> str:
+        """The computation for input x (B, C_in, H, W): ``per_sample_columns`` under export and TorchScript; on
+        ``columns_device``, for a dense conv that is 1x1 or has fewer than ``columns_max_positions`` output
+        positions, ``shared_kernel_columns`` where the static kernel (kernel_num 1) outweighs the maps it would
+        scale, else ``per_sample_columns`` for 1x1 kernels; ``grouped`` otherwise."""
+        if torch.jit.is_scripting() or is_exporting():
+            return 'per_sample_columns'
+        conv = self._geometry()
+        positions = out_size(x.shape[-2], conv) * out_size(x.shape[-1], conv)
+        small = self.kernel_size == 1 or positions < self.columns_max_positions
+        if x.device.type != self.columns_device or self.groups != 1 or not small:
+            return 'grouped'
+        if self.kernel_num == 1 and self.weight.numel() >= x[0].numel() + self.out_chs * positions:
+            return 'shared_kernel_columns'
+        return 'per_sample_columns' if self.kernel_size == 1 else 'grouped'
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Eq. 2 computed as the official code does: the input scaled by a_c, each sample's mixed kernel
-        sum_i a_ki * a_s * W_i, one conv with ``groups = batch * groups``, the output scaled by a_f."""
-        channel, filters, spatial, kernels = self.attention(x)
-        out = conv_over_batch(x * channel, mixed_kernels(self.weight, kernels, spatial).expand(
-            x.shape[0], -1, -1, -1, -1), None, self.stride, self.padding, self.dilation, self.groups)
-        if filters is not None:
-            out = out * filters
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+    def _geometry(self) -> ConvGeometry:
+        return ConvGeometry(self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn, bank, conv = self.attention(x), self.kernel_bank(), self._geometry()
+        if torch.jit.is_scripting():  # TorchScript compiles no other branch: it cannot run an autograd Function
+            return per_sample_columns(x, bank, self.bias, attn, conv)
+        else:
+            computation = self.computation(x)
+            if computation == 'shared_kernel_columns':
+                return shared_kernel_columns(x, bank, self.bias, attn, conv)
+            if computation == 'per_sample_columns':
+                return per_sample_columns(x, bank, self.bias, attn, conv)
+            return grouped(x, bank, self.bias, attn, conv)
+
+
+def _bank_to_state_dict(module: ODConv2d, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """The state dict holds the kernel bank in the official (kernel_num, C_out, C_in / groups, k, k) layout."""
+    if prefix + 'weight' in state_dict:
+        state_dict[prefix + 'weight'] = state_dict[prefix + 'weight'].view(module.kernel_bank().shape)
+
+
+def _bank_from_state_dict(module: ODConv2d, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """A kernel bank in the official layout loads into the (kernel_num * C_out, ...) parameter; other shapes go on
+    to load_state_dict's own check."""
+    weight = state_dict.get(prefix + 'weight')
+    if isinstance(weight, torch.Tensor) and weight.shape == module.kernel_bank().shape:
+        state_dict[prefix + 'weight'] = weight.reshape(module.weight.shape)
 
 
 def odconv_temperature(epoch: float, initial: float = 30., final: float = 1., anneal_epochs: float = 10.) -> float:

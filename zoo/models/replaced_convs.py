@@ -165,7 +165,7 @@ def _odconv_from(conv: nn.Conv2d, kernel_num: int, reduction: float, generator: 
             sigmoids += head is not attention.kernel_fc
     weight = conv.weight * 2. ** sigmoids  # each sigmoid attention starts at 0.5
     noise = torch.randn((kernel_num, *weight.shape), generator=generator).to(weight) * weight.std() * _KERNEL_NOISE
-    odconv.weight.copy_(weight + (noise - noise.mean(dim=0)))
+    odconv.kernel_bank().copy_(weight + (noise - noise.mean(dim=0)))
     if conv.bias is not None:
         odconv.bias = nn.Parameter(conv.bias.detach().clone())
     return odconv
