@@ -22,7 +22,7 @@ from typing import List
 
 import torch
 
-from bench import RESULTS, describe_machine
+from benchlib import RESULTS, describe_machine
 
 _STEP = '''
 import json, resource, sys, time, timm, torch, zoo

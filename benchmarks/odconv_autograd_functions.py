@@ -17,7 +17,7 @@ from unittest import mock
 import timm
 import torch
 
-from bench import RESULTS, _training_step, describe_machine, interleaved_median_seconds
+from benchlib import RESULTS, describe_machine, interleaved_median_seconds, training_step
 from zoo.layers import odconv_fast
 
 CASES = (
@@ -59,7 +59,7 @@ def main() -> None:
     for name, model_name, memory_format, function, replacement in CASES:
         model = timm.create_model(model_name).train().to(memory_format=memory_format)
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size).to(memory_format=memory_format)
-        step = _training_step(model, x)
+        step = training_step(model, x)
         steps: Dict[str, Callable[[], None]] = {'with': step, 'without': _without(function, replacement, step)}
         seconds = interleaved_median_seconds(steps, args.warmup, args.repeats)
         with_ms, without_ms = seconds['with'] * 1e3, seconds['without'] * 1e3
