@@ -67,7 +67,8 @@ def test_cards_carry_accuracy_preprocessing_license_citation_origin_and_sha256(d
     for d in dry_run[0]:
         card = (d.folder / 'README.md').read_text()
         entry = yaml.safe_load(MANIFEST_PATH.read_text())['tags'][d.tag]
-        for expected in (f'Reported ImageNet-1k top-1: {entry["top1"]}', f'crop_pct {entry["preprocessing"]["crop_pct"]}',
+        for expected in (f'Reported ImageNet-1k top-1: {entry["top1"]}',
+                         f'crop_pct {entry["preprocessing"]["crop_pct"]}',
                          'License: apache-2.0', entry['paper']['citation'], entry['origin_url'], d.sha256,
                          f'hf-hub:{d.repo_id}', 'pip install zoo-timm'):
             assert expected in card, (d.tag, expected)

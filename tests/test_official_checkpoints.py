@@ -76,14 +76,12 @@ def test_every_published_key_maps_with_its_shape(model_name, source):
     assert len(converted) == len([k for k in keys if not k.startswith('van.layernorm.')])  # unused by transformers
 
 
-@pytest.mark.parametrize('tag, where', [
-    ('od_resnet18.in1k', r'not on the Hugging Face Hub; they are published at https://drive\.google\.com/'),
-    ('efficientmod_s.in1k', r'not on the Hugging Face Hub; they are published at https://drive\.google\.com/'),
-    ('xvolution_resnet50', r'has no pretrained weights \(no official code or weights exist'),
-])
-def test_pretrained_without_the_file_says_where_the_weights_are_and_how_to_load_them(tag, where):
-    with pytest.raises(RuntimeError, match=where + r'.*pretrained_cfg_overlay=dict\(file='):
-        timm.create_model(tag, pretrained=True)
+def test_a_model_without_published_weights_says_so_and_how_to_load_ones_own():
+    """(Where the official weights come from, and what a user is told when no source gives them, is
+    test_pretrained_weights.py's.)"""
+    with pytest.raises(RuntimeError, match=r'has no pretrained weights \(no official code or weights exist'
+                                           r'.*pretrained_cfg_overlay=dict\(file='):
+        timm.create_model('xvolution_resnet50', pretrained=True)
 
 
 class TestVan:

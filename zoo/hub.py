@@ -61,7 +61,8 @@ def _model_card(model: nn.Module, cfg: Dict[str, Any], repo_hint: str, source: O
         f'# {title}',
         '',
         f'{type(model).__name__} for image classification ({model.num_classes} classes), in timm\'s format, {made} '
-        f'with zoo {zoo.__version__}, the package that registers this architecture with timm (`pip install zoo-timm`).',
+        f'with zoo {zoo.__version__}, the package that registers this architecture with timm '
+        f'(`pip install zoo-timm`).',
         '',
     ]
     if finetuned:

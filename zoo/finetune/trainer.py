@@ -52,8 +52,8 @@ from .recipe import Recipe, RecipeError
 from .run_folder import ModelCard, RunFolder, RunFolderError
 
 __all__ = ['FinetuneResult', 'Run', 'TrainingState', 'amp_settings', 'anneals_temperature', 'build_model',
-           'finetune', 'open_run_folder', 'optimizer_step', 'prepare_run', 'seed_epoch', 'train_loader', 'train_one_epoch',
-           'updates_per_epoch', 'validate']
+           'finetune', 'open_run_folder', 'optimizer_step', 'prepare_run', 'seed_epoch', 'train_loader',
+           'train_one_epoch', 'updates_per_epoch', 'validate']
 
 _logger = logging.getLogger(__name__)
 _AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}

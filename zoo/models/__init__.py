@@ -21,8 +21,8 @@ from .xvolution_resnet import XVolutionResNet
 __all__ = [
     'FAMILY_MODULES', 'OPS', 'EfficientMod', 'ODMobileNetV2', 'ODResNet', 'ReplaceReport', 'VAN', 'XVolutionResNet',
     'replace_convs',
-    'MANIFEST_PATH', 'WeightsSource', 'check_timm_model_name', 'create_model_from_checkpoint', 'create_pretrained_model',
-    'hub_org', 'list_zoo_models', 'load_manifest', 'mirror_repo', 'origin_source', 'pick_checkpoint',
+    'MANIFEST_PATH', 'WeightsSource', 'check_timm_model_name', 'create_model_from_checkpoint',
+    'create_pretrained_model', 'hub_org', 'list_zoo_models', 'load_manifest', 'mirror_repo', 'origin_source', 'pick_checkpoint',
     'pretrained_weights_file', 'resolve_model_name', 'update_manifest', 'weights_location', 'weights_sources',
 ]
 
