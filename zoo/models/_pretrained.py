@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
+from filelock import FileLock
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
 from zoo._files import file_sha256
 from zoo.convert import CheckpointError
 from zoo.errors import WeightsUnavailableError
@@ -40,7 +43,6 @@ def _manual_route(tag: str) -> str:
 
 
 def _hub_cache(cache_dir: Optional[PathLike]) -> Path:
-    from huggingface_hub import constants
     return Path(cache_dir or constants.HF_HUB_CACHE)
 
 
@@ -53,7 +55,6 @@ def _cached(source: WeightsSource, tag: str, cache_dir: Optional[PathLike]) -> O
     if source.kind == 'download':
         files = [p for p in _download_folder(tag, cache_dir).glob('*') if p.is_file() and not p.name.startswith('.')]
         return files[0] if files else None
-    from huggingface_hub import try_to_load_from_cache
     path = try_to_load_from_cache(source.location, source.filename, cache_dir=cache_dir)
     return Path(path) if isinstance(path, str) else None
 
@@ -78,7 +79,6 @@ def _check_sha256(path: Path, expected: Optional[str], remove: Callable[[], None
 
 
 def _fetch_from_hub(source: WeightsSource, cache_dir: Optional[PathLike]) -> Path:
-    from huggingface_hub import constants, hf_hub_download
     _check_reachable(constants.ENDPOINT)
     try:
         path = Path(hf_hub_download(source.location, source.filename, cache_dir=cache_dir))
@@ -109,7 +109,7 @@ def pick_checkpoint(folder: Path, fits: Optional[Callable[[Path], bool]] = None)
 
 def _gdown(url: str, into: Path) -> Path:
     """Download a file or a folder with gdown into the folder ``into``; the file, or the folder's checkpoint."""
-    import gdown
+    import gdown  # only for downloads: it imports an HTML parser
     import requests
     try:
         if '/folders/' in url:
@@ -149,7 +149,6 @@ def _fetch(source: WeightsSource, tag: str, cache_dir: Optional[PathLike]) -> Pa
 
 
 def _lock(tag: str, cache_dir: Optional[PathLike]):
-    from filelock import FileLock
     locks = _hub_cache(cache_dir) / 'zoo-downloads' / '.locks'
     locks.mkdir(parents=True, exist_ok=True)
     return FileLock(str(locks / f'{tag}.lock'))
@@ -171,7 +170,6 @@ def pretrained_weights_file(tag: str, cache_dir: Optional[PathLike] = None, mani
         WeightsUnavailableError: No source gave the file: offline without a cached copy, no network, Google Drive's
             rate limit, a sha256 mismatch, ... The message names each source's cause and the manual route.
     """
-    from huggingface_hub import constants
     sources = weights_sources(tag, manifest)
     for source in sources:
         path = _cached(source, tag, cache_dir)
