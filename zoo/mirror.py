@@ -13,10 +13,11 @@ Drive folder's files, of which the checkpoint of the right model is taken).
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import timm
 import torch
+from huggingface_hub import hf_hub_download
 
 from zoo._files import file_sha256
 from zoo.convert import CheckpointError
@@ -69,17 +70,17 @@ def _download_original(tag: str, folder: Path, manifest: Path) -> None:
     source = origin_source(tag, manifest)
     folder.mkdir(parents=True, exist_ok=True)
     if source.kind == 'hub':
-        from huggingface_hub import hf_hub_download
         hf_hub_download(source.location, source.filename, local_dir=folder)
-    elif '/folders/' in source.location:
-        import gdown
+        return
+    import gdown  # only for downloads: it imports an HTML parser
+    if '/folders/' in source.location:
         gdown.download_folder(source.location, output=str(folder), quiet=True)
     else:
-        import gdown
         gdown.download(source.location, output=f'{folder}/', quiet=True)
 
 
-def _converts_onto(tag: str):
+def _converts_onto(tag: str) -> Callable[[Path], bool]:
+    """Whether a checkpoint file converts onto ``tag``'s model (keys and shapes; nothing is loaded)."""
     model_name = tag.split('.')[0]
 
     def fits(path: Path) -> bool:
@@ -94,7 +95,8 @@ def _converts_onto(tag: str):
 
 
 def _original(tag: str, originals: Path, manifest: Path) -> Path:
-    """The authors' checkpoint of ``tag`` in ``originals/TAG/``, checked against the manifest's sha256 and size."""
+    """The authors' checkpoint of ``tag`` in ``originals/TAG/``: their Hub file, or the checkpoint file there that
+    converts onto the model."""
     folder = originals / tag
     if not folder.is_dir():
         raise MirrorError(f'{folder}: no such folder: put the authors\' file(s) of {tag} there '
