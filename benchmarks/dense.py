@@ -12,7 +12,6 @@ scratch), one run after another: best validation mAP@0.5 and training images per
         efficientmod_xxs xvolution_resnet34 resnet18 mobilenetv2_100
 """
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from typing import List
 
 import torch
 
-from benchlib import RESULTS, describe_machine
+from benchlib import RESULTS, append_results, describe_machine, utc_heading
 
 _STEP = '''
 import json, resource, sys, time, timm, torch, zoo
@@ -82,12 +81,9 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument('--epochs', type=int, default=8, help='shapes: epochs per run')
     args = parser.parse_args(argv)
     lines = memory(args.models, args.size) if args.what == 'memory' else shapes(args.models, args.epochs)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
-    header = [f'## {stamp} — dense {args.what}: {", ".join(args.models)}', '',
-              f'Machine: {describe_machine(torch.get_num_threads())}; shared with other jobs (timings pessimistic).',
-              '']
-    with open(RESULTS, 'a', encoding='utf-8') as f:
-        f.write('\n' + '\n'.join(header + lines) + '\n')
+    header = [utc_heading(f'dense {args.what}: {", ".join(args.models)}'), '',
+              f'Machine: {describe_machine(torch.get_num_threads())}.', '']
+    append_results(RESULTS, header + lines)
 
 
 if __name__ == '__main__':
