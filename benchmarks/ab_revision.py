@@ -12,6 +12,7 @@ import argparse
 import datetime
 import importlib
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import timm
 
-from benchlib import RESULTS, describe_machine, inference_step, interleaved_median_seconds, training_step
+from benchlib import RESULTS, describe_machine, inference_step, interleaved_seconds, training_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,8 +72,11 @@ def check_equal(pairs: Dict[str, Tuple[torch.nn.Module, torch.nn.Module]], img_s
             raise RuntimeError(f'{name}: before and after differ by {diff:.3g}')
 
 
-def measure(pairs, baselines: Dict[str, str], args: argparse.Namespace) -> List[Tuple[str, str, float, float, float]]:
-    """(model, mode, before ms, after ms, baseline ms) per model and mode, medians of interleaved runs."""
+def measure(pairs, baselines: Dict[str, str],
+            args: argparse.Namespace) -> List[Tuple[str, str, float, float, float, float]]:
+    """(model, mode, before ms, after ms, baseline ms, after / before) per model and mode: medians of interleaved
+    runs, and the median of each round's after / before (the two ran back to back, so a slow spell that spans the
+    round cancels out)."""
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size).to(memory_format=args.memory_format)
     rows = []
     for name, (before, after) in pairs.items():
@@ -84,10 +88,12 @@ def measure(pairs, baselines: Dict[str, str], args: argparse.Namespace) -> List[
                 model.train(mode != 'inference')
             steps: Dict[str, Callable[[], None]] = {
                 'before': step(before, x), 'after': step(after, x), 'baseline': step(baseline, x)}
-            seconds = interleaved_median_seconds(steps, args.warmup, args.repeats)
-            rows.append((name, mode, *(seconds[k] * 1e3 for k in ('before', 'after', 'baseline'))))
-            print(f'{name:<22}{mode:<15}' + '  '.join(f'{k} {v * 1e3:8.1f} ms' for k, v in seconds.items()),
-                  flush=True)
+            times = interleaved_seconds(steps, args.warmup, args.repeats)
+            seconds = {k: statistics.median(t) for k, t in times.items()}
+            paired = statistics.median(a / b for a, b in zip(times['after'], times['before']))
+            rows.append((name, mode, *(seconds[k] * 1e3 for k in ('before', 'after', 'baseline')), paired))
+            print(f'{name:<22}{mode:<15}' + '  '.join(f'{k} {v * 1e3:8.1f} ms' for k, v in seconds.items())
+                  + f'  after / before {paired:.3f}', flush=True)
     return rows
 
 
@@ -99,14 +105,14 @@ def render(rows, baselines: Dict[str, str], args: argparse.Namespace) -> str:
         f'Machine: {describe_machine(torch.get_num_threads())}. `benchmarks/ab_revision.py`: before, after and the '
         f'timm baseline in one process, the same weights, taking turns run by run; batch {args.batch_size}, '
         f'{args.img_size}x{args.img_size}, {args.format_name}, median of {args.repeats} runs after {args.warmup} '
-        f'warm-up runs. '
+        f'warm-up runs; after / before is the median of the rounds\' ratios. '
         f'Ratio = baseline ms / model ms (the model\'s speed as a fraction of its baseline\'s).',
         '',
         '| model | mode | before (ms) | after (ms) | after / before | baseline | ratio before | ratio after |',
         '|---|---|---:|---:|---:|---|---:|---:|',
     ]
-    for name, mode, before, after, baseline in rows:
-        lines.append(f'| {name} | {mode} | {before:.1f} | {after:.1f} | {after / before:.3f} | {baselines[name]} '
+    for name, mode, before, after, baseline, paired in rows:
+        lines.append(f'| {name} | {mode} | {before:.1f} | {after:.1f} | {paired:.3f} | {baselines[name]} '
                      f'{baseline:.1f} ms | {baseline / before:.3f} | {baseline / after:.3f} |')
     return '\n'.join(lines) + '\n\n'
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import timm
 import torch
@@ -22,8 +22,8 @@ import zoo  # noqa: F401  (registers the zoo models)
 from zoo.layers import OmniAttention
 
 __all__ = ['MEMORY_FORMATS', 'RESULTS', 'append_results', 'autocast', 'calibrated_model', 'describe_machine',
-           'elapsed_seconds', 'gmacs', 'inference_step', 'interleaved_median_seconds', 'onnx_step', 'params_m',
-           'peak_training_memory_mb', 'pyplot', 'training_step', 'utc_heading']
+           'elapsed_seconds', 'gmacs', 'inference_step', 'interleaved_median_seconds', 'interleaved_seconds',
+           'onnx_step', 'params_m', 'peak_training_memory_mb', 'pyplot', 'training_step', 'utc_heading']
 
 RESULTS = Path(__file__).parent / 'RESULTS.md'
 MEMORY_FORMATS = {'nchw': torch.contiguous_format, 'channels_last': torch.channels_last}
@@ -54,17 +54,27 @@ def elapsed_seconds(step: Callable[[], None], device: torch.device) -> float:
     return begin.elapsed_time(end) / 1e3
 
 
-def interleaved_median_seconds(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int,
-                               device: torch.device = torch.device('cpu')) -> Dict[str, float]:
-    """Median seconds of each step; the steps take turns, so a slow spell of the machine hits all of them alike."""
+def interleaved_seconds(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int,
+                        device: torch.device = torch.device('cpu')) -> Dict[str, List[float]]:
+    """Seconds of each step in each of ``repeats`` rounds. The steps take turns, so a slow spell of the machine hits
+    all of them alike, in an order rotated by one every round, so that each runs in every position and none twice
+    in a row (what a step finds in the caches and the allocator's free lists depends on the step before it)."""
     for step in steps.values():
         for _ in range(warmup):
             step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            times[name].append(elapsed_seconds(step, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(elapsed_seconds(steps[name], device))
+    return times
+
+
+def interleaved_median_seconds(steps: Dict[str, Callable[[], None]], warmup: int, repeats: int,
+                               device: torch.device = torch.device('cpu')) -> Dict[str, float]:
+    """Median seconds of each step over the rounds of :func:`interleaved_seconds`."""
+    return {name: statistics.median(t) for name, t in interleaved_seconds(steps, warmup, repeats, device).items()}
 
 
 def autocast(device: torch.device, amp: str = None) -> torch.autocast:

@@ -57,7 +57,8 @@ def main() -> None:
     recipe = resolve_recipe(DIGITS_DEFAULTS, dict(model=args.model, img_size=args.img_size,
                                                   batch_size=args.batch_size, workers=args.workers))
     run = prepare_run(recipe, join_processes())
-    images = len(run.train_set)
+    loader = run.train_loader
+    images = len(loader) * recipe.batch_size if loader.drop_last else len(loader.sampler)  # read per epoch
     steps: Dict[str, Callable[[Run], None]] = {"zoo's loop": zoo_epoch, 'bare loop': bare_epoch,
                                                'loading alone': loading_epoch}
     times: Dict[str, List[float]] = {name: [] for name in steps}

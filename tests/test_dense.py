@@ -19,7 +19,7 @@ from zoo.finetune import DataError
 from zoo.finetune.dense_data import CocoDetections, MaskImages, detection_collate, read_dense_folder
 from zoo.finetune.shapes import SHAPE_CLASSES, shapes_folder
 from zoo.hub import export_hub_folder
-from zoo.layers import ODConv2d, XVolution2d
+from zoo.layers import XVolution2d
 from tests.helpers import relative_error, run_zoo, run_zoo_here
 
 SIZE = 64  # the tests' image size: every family's four strides, in milliseconds per step

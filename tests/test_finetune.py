@@ -14,7 +14,7 @@ import torch
 
 import zoo.finetune.trainer as trainer
 from zoo.finetune.distributed import Processes
-from zoo.finetune.trainer import train_loader, updates_per_epoch
+from zoo.finetune.loaders import training_loader, validation_loader
 from zoo.finetune import RunFolder, RunFolderError, finetune, resolve_recipe
 from zoo.layers import ODConv2d, odconv_temperature
 from zoo.models import create_model_from_checkpoint
@@ -39,8 +39,10 @@ def _metrics(folder):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize('model_name', ['van_b0', 'od_resnet18', 'od_mobilenetv2_050', 'efficientmod_xxs',
-                                        'xvolution_resnet34'])
+# od_mobilenetv2 from scratch does not learn these images in a few steps at any of 5 learning rates tried (timm's own
+# mobilenetv2_050 barely does): which way its loss moves in 3 epochs depended on the thread count. od_resnet18 runs
+# the ODConv family here; tests/test_odconv_models.py covers the MobileNetV2 form.
+@pytest.mark.parametrize('model_name', ['van_b0', 'od_resnet18', 'efficientmod_xxs', 'xvolution_resnet34'])
 def test_a_short_finetune_of_each_family_lowers_the_training_loss(tmp_path, data, model_name):
     result = _run(tmp_path, data, model=model_name, img_size=64)
     losses = [float(row['train_loss']) for row in _metrics(result.folder)]
@@ -107,15 +109,63 @@ def test_a_run_leaves_the_callers_random_generators_as_they_were(tmp_path, data)
     assert draw() == expected
 
 
-@pytest.mark.parametrize('images,batch_size,accumulate,world_size', [
-    (24, 8, 1, 1), (25, 8, 1, 1), (17, 8, 1, 1), (1, 8, 1, 1), (50, 8, 3, 1), (25, 4, 1, 2), (23, 4, 2, 3)])
-def test_updates_per_epoch_counts_what_the_loader_yields(images, batch_size, accumulate, world_size):
-    """Counted without building the epoch's loader (which would seed its RNGs); here against the loaders themselves."""
-    dataset = torch.utils.data.TensorDataset(torch.zeros(images, 1))
-    for rank in range(world_size):  # a DistributedSampler given its rank and world size needs no process group
-        loader = train_loader(dataset, batch_size, 0, Processes(rank, world_size, torch.device('cpu')), 0,
-                              torch.Generator(), seed=0)
-        assert math.ceil(len(loader) / accumulate) == updates_per_epoch(images, batch_size, accumulate, world_size)
+class _Draws(torch.utils.data.Dataset):
+    """Sample i: (i, a draw from each of torch's, random's and numpy's global RNGs), as an augmentation draws."""
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, index):
+        return torch.tensor([index, torch.rand(()).item(), random.random(), np.random.rand()], dtype=torch.float64)
+
+
+def _epoch(loader, epoch):
+    loader.sampler.set_epoch(epoch)
+    return torch.cat(list(loader))
+
+
+class TestLoaders:
+    @pytest.mark.parametrize('images,batch_size,world_size,batches', [
+        (24, 8, 1, 3), (25, 8, 1, 3), (23, 8, 1, 2), (5, 8, 1, 1), (25, 4, 2, 3), (23, 4, 3, 2)])
+    def test_each_process_gets_full_batches_of_its_share(self, images, batch_size, world_size, batches):
+        """Like timm's train.py, the last incomplete batch of a share is left out when there is a full one."""
+        dataset = torch.utils.data.TensorDataset(torch.arange(images))
+        seen = []
+        for rank in range(world_size):  # a DistributedSampler given its rank and world size needs no process group
+            loader = training_loader(dataset, batch_size, 0, Processes(rank, world_size, torch.device('cpu')), 0)
+            loader.sampler.set_epoch(0)
+            sizes = [len(batch[0]) for batch in loader]
+            assert len(sizes) == len(loader) == batches
+            assert sizes == [min(batch_size, math.ceil(images / world_size))] * batches
+            seen += [i for batch in loader for i in batch[0].tolist()]
+        assert len(set(seen)) >= images - world_size * (batch_size - 1)  # every image but the dropped remainders
+
+    def test_validation_shares_hold_every_image_once(self):
+        dataset = torch.utils.data.TensorDataset(torch.arange(23))
+        shares = [validation_loader(dataset, 4, 0, Processes(rank, 3, torch.device('cpu'))) for rank in range(3)]
+        assert sorted(i for loader in shares for batch in loader for i in batch[0].tolist()) == list(range(23))
+
+    def test_augmentations_follow_the_seed_epoch_and_index_whatever_the_workers(self):
+        """So a run may resume with another --workers and continue exactly; workers persist across epochs."""
+        single = Processes(0, 1, torch.device('cpu'))
+        in_main = training_loader(_Draws(), 4, 0, single, seed=3)
+        in_workers = training_loader(_Draws(), 4, 2, single, seed=3)
+        for epoch in (0, 1, 0):
+            assert torch.equal(_epoch(in_main, epoch), _epoch(in_workers, epoch))
+        first, second = _epoch(in_main, 0), _epoch(in_main, 1)
+        assert not torch.equal(first[:, 0], second[:, 0])  # another order
+        by_index = {int(row[0]): row[1:] for row in first}
+        assert all(not torch.equal(by_index[int(row[0])], row[1:]) for row in second)  # other draws
+        reseeded = _epoch(training_loader(_Draws(), 4, 0, single, seed=4), 0)
+        assert not torch.equal(first, reseeded)
+
+    def test_reading_in_the_main_process_leaves_its_random_generators_as_they_were(self):
+        loader = training_loader(_Draws(), 4, 0, Processes(0, 1, torch.device('cpu')), seed=0)
+        torch.manual_seed(5), random.seed(5), np.random.seed(5)
+        expected = torch.rand(2).tolist(), random.random(), float(np.random.rand())
+        torch.manual_seed(5), random.seed(5), np.random.seed(5)
+        _epoch(loader, 0)
+        assert (torch.rand(2).tolist(), random.random(), float(np.random.rand())) == expected
 
 
 class TestOdconvTemperature:

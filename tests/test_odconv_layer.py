@@ -59,6 +59,9 @@ def _force(layer: ODConv2d, computation: str) -> ODConv2d:
     (``per_sample_columns`` of a k x k conv runs only scripted or exported: see the scripted tests)."""
     layer.columns_device = 'cpu' if computation != 'grouped' else 'none'
     layer.columns_max_positions = 10 ** 9
+    layer.columns_tile_bytes = 4096  # several blocks of output channels, the last one short at some batch sizes
+    layer.columns_conv_min_rows = 0 if layer.stride == 1 else 10 ** 9  # both routes of a static kernel's GEMM
+    layer.stacked_max_extra_positions = 10 ** 9 if computation == 'stacked_columns' else 0
     return layer
 
 
@@ -66,8 +69,11 @@ def _force(layer: ODConv2d, computation: str) -> ODConv2d:
 CASES = [
     (8, 12, 3, 1, 1, 4, 9, 'grouped'), (8, 12, 3, 2, 1, 1, 9, 'grouped'), (8, 8, 3, 1, 8, 4, 7, 'grouped'),
     (8, 12, 3, 1, 2, 2, 6, 'grouped'), (6, 6, 5, 1, 1, 1, 8, 'grouped'), (8, 12, 1, 2, 1, 4, 9, 'grouped'),
-    (8, 32, 3, 1, 1, 1, 6, 'shared_kernel_columns'), (8, 32, 3, 2, 1, 1, 7, 'shared_kernel_columns'),
-    (8, 96, 1, 1, 1, 1, 2, 'shared_kernel_columns'), (8, 96, 1, 2, 1, 1, 3, 'shared_kernel_columns'),
+    (8, 32, 3, 1, 1, 1, 6, 'gated_columns'), (8, 32, 3, 2, 1, 1, 7, 'gated_columns'),
+    (8, 12, 3, 1, 1, 4, 6, 'gated_columns'), (8, 12, 3, 2, 1, 2, 7, 'gated_columns'),
+    (8, 2, 3, 1, 1, 3, 5, 'gated_columns'),  # one block of output channels
+    (8, 12, 3, 1, 1, 4, 6, 'stacked_columns'), (8, 12, 3, 2, 1, 2, 7, 'stacked_columns'),
+    (8, 96, 1, 1, 1, 1, 2, 'gated_columns'), (8, 96, 1, 2, 1, 1, 3, 'gated_columns'),
     (8, 12, 1, 1, 1, 1, 9, 'per_sample_columns'), (8, 12, 1, 2, 1, 4, 9, 'per_sample_columns'),
 ]
 CASE_IDS = ['c{}_o{}_k{}_s{}_g{}_n{}_{}px_{}'.format(*case) for case in CASES]
@@ -126,7 +132,7 @@ def test_the_cases_take_every_eager_computation():
     for case in CASES:
         layer, x = _make(case, 3, train=False)
         assert layer.computation(x) == case[-1]
-    assert {case[-1] for case in CASES} == {'grouped', 'shared_kernel_columns', 'per_sample_columns'}
+    assert {case[-1] for case in CASES} == {'grouped', 'gated_columns', 'stacked_columns', 'per_sample_columns'}
 
 
 @pytest.mark.parametrize('case', CASES, ids=CASE_IDS)
@@ -161,11 +167,16 @@ def test_scripted_per_sample_columns_equal_the_paper_in_outputs_and_gradients(ca
 
 
 def test_the_rule_runs_the_columns_on_cpu_only_and_grouped_convs_and_large_maps_grouped():
-    layer = ODConv2d(8, 32, 3, kernel_num=1)
-    assert layer.computation(torch.randn(2, 8, 6, 6)) == 'shared_kernel_columns'
-    assert layer.computation(torch.randn(2, 8, 6, 6, device='meta')) == 'grouped'  # any other device
-    assert layer.computation(torch.randn(2, 8, 28, 28)) == 'grouped'  # 28 x 28 output positions
+    for kernel_num in (1, 4):
+        layer = ODConv2d(8, 32, 3, kernel_num=kernel_num)
+        with torch.no_grad():
+            assert layer.computation(torch.randn(2, 8, 6, 6)) == 'gated_columns'
+        assert layer.computation(torch.randn(2, 8, 6, 6)) == ('stacked_columns' if kernel_num > 1 else 'gated_columns')
+        assert layer.computation(torch.randn(2, 8, 14, 14)) == 'gated_columns'  # 3 x 196 extra rows: too many
+        assert layer.computation(torch.randn(2, 8, 6, 6, device='meta')) == 'grouped'  # any other device
+        assert layer.computation(torch.randn(2, 8, 28, 28)) == 'grouped'  # 28 x 28 output positions
     assert ODConv2d(8, 8, 3, groups=8).computation(torch.randn(2, 8, 6, 6)) == 'grouped'
+    assert ODConv2d(8, 96, 1, kernel_num=1).computation(torch.randn(2, 8, 2, 2)) == 'gated_columns'  # kernel > maps
     assert ODConv2d(8, 12, 1).computation(torch.randn(2, 8, 56, 56)) == 'per_sample_columns'  # 1x1: any size
 
 

@@ -4,7 +4,6 @@ one download for many processes.
 
 Offline throughout: Hub caches laid out on disk, downloads from 127.0.0.1 servers, manifests of the tests' own.
 """
-import json
 import multiprocessing
 import os
 import subprocess

@@ -32,9 +32,7 @@ from pycocotools.cocoeval import COCOeval
 from safetensors.torch import save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from zoo._files import current_umask
@@ -43,10 +41,11 @@ from zoo.hub import move_into_place, export_hub_folder
 from zoo.layers import odconv_temperature, set_temperature
 from .dense_data import IGNORE_INDEX, CocoDetections, MaskImages, detection_collate, read_dense_folder
 from .distributed import Processes, join_processes, leave_processes, sum_over_processes
+from .loaders import seed_epoch, training_loader, validation_loader
 from .recipe import Recipe, RecipeError
 from .run_folder import RunFolder, RunFolderError
 from .shapes import shapes_folder
-from .trainer import amp_settings, anneals_temperature, build_model, open_run_folder, optimizer_step, seed_epoch
+from .trainer import amp_settings, anneals_temperature, build_model, open_run_folder, optimizer_step
 
 __all__ = ['DenseResult', 'finetune_dense']
 
@@ -117,7 +116,11 @@ class _DenseRun:
         self.model.to(processes.device)
         self.amp_dtype, self.scaler = amp_settings(recipe, processes.device)
         self.train_set, self.val_set = self._datasets()
-        self.steps_per_epoch = math.ceil(len(self._train_loader(0)) / recipe.accumulate)
+        collate = detection_collate if self.detect else None
+        self.train_loader = training_loader(self.train_set, recipe.batch_size, recipe.workers, processes, recipe.seed,
+                                            collate)
+        self.val_loader = validation_loader(self.val_set, recipe.batch_size, recipe.workers, processes, collate)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / recipe.accumulate)
         self.optimizer = create_optimizer_v2(self.model, opt=recipe.opt, lr=recipe.lr,
                                              weight_decay=recipe.weight_decay)
         self.scheduler, _ = create_scheduler_v2(
@@ -141,20 +144,6 @@ class _DenseRun:
         return tuple(MaskImages(split, self.image_size, cfg['mean'], cfg['std'], train, self.recipe.hflip)
                      for split, train in ((self.data.train, True), (self.data.val, False)))
 
-    def _loader(self, dataset: Any, **kwargs: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.recipe.batch_size, num_workers=self.recipe.workers,
-                          collate_fn=detection_collate if self.detect else None,
-                          pin_memory=self.processes.device.type == 'cuda', **kwargs)
-
-    def _train_loader(self, epoch: int) -> DataLoader:
-        generator = seed_epoch(self.recipe.seed, epoch, self.processes.rank)
-        sampler = None
-        if self.processes.distributed:
-            sampler = DistributedSampler(self.train_set, self.processes.world_size, self.processes.rank, shuffle=True,
-                                         seed=self.recipe.seed)
-            sampler.set_epoch(epoch)
-        return self._loader(self.train_set, shuffle=sampler is None, sampler=sampler, generator=generator)
-
     def _temperature(self, progress: float) -> float:
         if not self.anneal:
             return 1.0
@@ -171,7 +160,9 @@ class _DenseRun:
 
     def train_epoch(self, epoch: int) -> Tuple[float, float]:
         """One epoch; the mean training loss (over every process) and the images per second."""
-        loader, recipe, device = self._train_loader(epoch), self.recipe, self.processes.device
+        recipe, device, loader = self.recipe, self.processes.device, self.train_loader
+        seed_epoch(recipe.seed, epoch, self.processes.rank)
+        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         autocast = torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         self.train_model.train()
         loss_sum, count, start = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
@@ -204,10 +195,6 @@ class _DenseRun:
 
     # validation, saving ---------------------------------------------------------------------------------------------
 
-    def _val_shard(self) -> DataLoader:
-        rank, world_size = self.processes.rank, self.processes.world_size
-        return self._loader(Subset(self.val_set, range(rank, len(self.val_set), world_size)))  # each image once
-
     @torch.no_grad()
     def validate(self) -> Dict[str, float]:
         """The validation metrics of :class:`DenseResult`, over every process's share."""
@@ -218,7 +205,7 @@ class _DenseRun:
     def _validate_detection(self) -> Dict[str, float]:
         boxes, masks = [], []
         category_ids = self.data.val.category_ids
-        for images, targets in self._val_shard():
+        for images, targets in self.val_loader:
             outputs = self.model([image.to(self.processes.device) for image in images])
             for output, target in zip(outputs, targets):
                 xyxy = output['boxes'].float().cpu()
@@ -248,7 +235,7 @@ class _DenseRun:
     def _validate_segmentation(self) -> Dict[str, float]:
         classes = len(self.data.classes)
         confusion = torch.zeros(classes, classes, dtype=torch.float64, device=self.processes.device)
-        for images, masks in self._val_shard():
+        for images, masks in self.val_loader:
             predicted = self.model(images.to(self.processes.device))['out'].argmax(1)
             masks = masks.to(self.processes.device)
             kept = masks != IGNORE_INDEX

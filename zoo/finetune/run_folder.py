@@ -14,7 +14,7 @@ import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import yaml
@@ -132,9 +132,9 @@ class RunFolder:
 
     def plot_curves(self, rows: Sequence[Dict[str, float]]) -> None:
         """Training and validation loss, validation top-1 per epoch, as curves.png."""
-        plt = _pyplot()
         epochs = [int(r['epoch']) for r in rows]
-        fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.4))
+        fig = _figure((9, 3.4))
+        loss_ax, acc_ax = fig.subplots(1, 2)
         loss_ax.plot(epochs, [r['train_loss'] for r in rows], marker='o', label='train')
         loss_ax.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='validation')
         loss_ax.set(xlabel='epoch', ylabel='loss', title='loss')
@@ -142,16 +142,14 @@ class RunFolder:
         acc_ax.plot(epochs, [r['val_top1'] for r in rows], marker='o', color='tab:green')
         acc_ax.set(xlabel='epoch', ylabel='top-1 (%)', title='validation accuracy')
         acc_ax.grid(alpha=0.3)
-        fig.tight_layout()
         atomic_write(self.path / 'curves.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
-        plt.close(fig)
 
     def plot_confusion(self, evaluation: Evaluation, classes: Sequence[str]) -> None:
         """The validation confusion matrix (rows: true class, columns: predicted) as confusion.png."""
-        plt = _pyplot()
         matrix = evaluation.confusion[:, :-1].numpy()
         size = min(12., 2.5 + 0.45 * len(classes))
-        fig, ax = plt.subplots(figsize=(size, size))
+        fig = _figure((size, size))
+        ax = fig.subplots()
         ax.imshow(matrix, cmap='Blues')
         ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel='predicted', ylabel='true',
                title=f'validation: top-1 {evaluation.top1:.1f}% of {evaluation.count}')
@@ -161,13 +159,11 @@ class RunFolder:
             for (i, j), count in ((ij, matrix[ij]) for ij in zip(*matrix.nonzero())):
                 ax.text(j, i, str(count), ha='center', va='center', fontsize=8,
                         color='white' if count > matrix.max() / 2 else 'black')
-        fig.tight_layout()
         atomic_write(self.path / 'confusion.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
-        plt.close(fig)
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use('Agg')  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(size: Tuple[float, float]):
+    """A matplotlib figure of ``size`` inches, laid out as it is drawn, for files only: no pyplot (its global state
+    and window machinery are for screens) and its own canvas."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=size, layout='constrained')

@@ -13,9 +13,10 @@ best result, seed) and what ``--resume`` restores; :func:`train_one_epoch` and :
 :class:`~zoo.finetune.run_folder.RunFolder` writes the outputs; :func:`prepare_run` sets a :class:`Run` up (data,
 transforms, model, state) for them.
 
-Randomness: every epoch draws from RNGs seeded by (seed, epoch, rank) at its start (:func:`seed_epoch`), so a run
-resumed from the state saved at the end of an epoch continues exactly as the uninterrupted run would have, on every
-process. The global RNGs the run seeds are restored when :func:`finetune` returns.
+Randomness (:mod:`zoo.finetune.loaders`): an epoch's order, each sample's augmentation and the training step's own
+draws follow from (seed, epoch, index or rank), so a run resumed from the state saved at the end of an epoch continues
+exactly as the uninterrupted run would have, on every process and with any number of loader workers. The global RNGs
+the run seeds are restored when :func:`finetune` returns.
 """
 import contextlib
 import logging
@@ -39,7 +40,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from zoo.layers import ODConv2d, odconv_temperature, set_temperature
@@ -48,12 +49,12 @@ from .data import FolderSplit, ImageFiles, read_image_folder, transforms_for
 from .digits import digits_folder
 from .distributed import Processes, join_processes, leave_processes, sum_over_processes
 from .evaluate import Evaluation, evaluate
+from .loaders import seed_epoch, training_loader, validation_loader
 from .recipe import Recipe, RecipeError
 from .run_folder import ModelCard, RunFolder, RunFolderError
 
 __all__ = ['FinetuneResult', 'Run', 'TrainingState', 'amp_settings', 'anneals_temperature', 'build_model',
-           'finetune', 'open_run_folder', 'optimizer_step', 'prepare_run', 'seed_epoch', 'train_loader',
-           'train_one_epoch', 'updates_per_epoch', 'validate']
+           'finetune', 'open_run_folder', 'optimizer_step', 'prepare_run', 'train_one_epoch', 'validate']
 
 _logger = logging.getLogger(__name__)
 _AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -128,16 +129,6 @@ class TrainingState:
         self.best = Evaluation(**state['best']) if state['best'] else None
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
-    """Seed the global RNGs (torch, random, numpy: timm's transforms and Mixup draw from them) for ``epoch`` of
-    process ``rank``; returns the training loader's generator (its order and worker seeds), seeded alike."""
-    value = (seed * 1_000_003 + epoch * 101 + rank) % 2 ** 32
-    torch.manual_seed(value)
-    random.seed(value)
-    np.random.seed(value)
-    return torch.Generator().manual_seed(value)
-
-
 @contextlib.contextmanager
 def _global_rngs_kept() -> Iterator[None]:
     """The caller's RNG states (torch's, CUDA's included, random's and numpy's), restored on exit."""
@@ -148,39 +139,6 @@ def _global_rngs_kept() -> Iterator[None]:
         finally:
             random.setstate(python)
             np.random.set_state(numpy)
-
-
-# data -----------------------------------------------------------------------------------------------------------------
-
-def _drops_last(per_process: int, batch_size: int) -> bool:
-    # a last batch of one image cannot be normalised by BatchNorm in training: it is left out, a batch of one is not
-    return per_process % batch_size == 1 and per_process > 1
-
-
-def updates_per_epoch(images: int, batch_size: int, accumulate: int, world_size: int = 1) -> int:
-    """Optimizer steps in an epoch of ``images`` training images shared by ``world_size`` processes."""
-    per_process = math.ceil(images / world_size)  # DistributedSampler pads every share to the same length
-    drop_last = _drops_last(per_process, batch_size)
-    batches = per_process // batch_size if drop_last else math.ceil(per_process / batch_size)
-    return math.ceil(batches / accumulate)
-
-
-def train_loader(dataset: Dataset, batch_size: int, workers: int, processes: Processes, epoch: int,
-                 generator: torch.Generator, seed: int) -> DataLoader:
-    """This process's shuffled share of ``dataset`` for ``epoch``, in batches."""
-    rank, world_size = processes.rank, processes.world_size
-    sampler = None
-    if processes.distributed:
-        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-    drop_last = _drops_last(math.ceil(len(dataset) / world_size), batch_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, num_workers=workers,
-                      generator=generator, drop_last=drop_last, pin_memory=processes.device.type == 'cuda')
-
-
-def _val_loader(dataset: Dataset, batch_size: int, workers: int, processes: Processes) -> DataLoader:
-    shard = Subset(dataset, range(processes.rank, len(dataset), processes.world_size))  # each image scored once
-    return DataLoader(shard, batch_size=batch_size, num_workers=workers)
 
 
 # model and state ------------------------------------------------------------------------------------------------------
@@ -401,8 +359,8 @@ class Run:
     recipe: Recipe
     processes: Processes
     split: FolderSplit
-    train_set: ImageFiles
-    val_set: ImageFiles
+    train_loader: DataLoader  # its sampler set to each epoch by start_epoch
+    val_loader: DataLoader
     state: TrainingState
     train_model: nn.Module  # the model, or its DDP / compiled wrapper
     mixup: Optional[Mixup]
@@ -411,11 +369,11 @@ class Run:
     card: ModelCard
 
     def start_epoch(self) -> DataLoader:
-        """Seed the RNGs for the next epoch (:func:`seed_epoch`) and return its training loader."""
-        recipe, epoch = self.recipe, self.state.epoch
-        generator = seed_epoch(recipe.seed, epoch, self.processes.rank)
-        return train_loader(self.train_set, recipe.batch_size, recipe.workers, self.processes, epoch, generator,
-                            recipe.seed)
+        """Seed the RNGs for the next epoch (:func:`~zoo.finetune.loaders.seed_epoch`) and return its training
+        loader."""
+        seed_epoch(self.recipe.seed, self.state.epoch, self.processes.rank)
+        self.train_loader.sampler.set_epoch(self.state.epoch)  # type: ignore[attr-defined]
+        return self.train_loader
 
 
 def prepare_run(recipe: Recipe, processes: Processes) -> Run:
@@ -434,17 +392,18 @@ def prepare_run(recipe: Recipe, processes: Processes) -> Run:
     data_config = resolve_data_config(args=dict(input_size=input_size) if input_size else {}, model=model)
     amp_dtype, scaler = amp_settings(recipe, processes.device)
     train_tf, val_tf = transforms_for(data_config, recipe.hflip, recipe.scale, recipe.randaugment)
-    train_set, val_set = ImageFiles(split.train, train_tf), ImageFiles(split.val, val_tf)
-    updates = updates_per_epoch(len(train_set), recipe.batch_size, recipe.accumulate, processes.world_size)
+    train = training_loader(ImageFiles(split.train, train_tf), recipe.batch_size, recipe.workers, processes,
+                            recipe.seed)
+    val = validation_loader(ImageFiles(split.val, val_tf), recipe.batch_size, recipe.workers, processes)
     mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
                   num_classes=len(split.classes)) if recipe.mixup > 0 or recipe.cutmix > 0 else None
     temperature = partial(odconv_temperature, initial=recipe.temperature_initial, final=1.0,
                           anneal_epochs=recipe.temperature_epochs) \
         if anneals_temperature(recipe, model, loaded) else None
     card = ModelCard(recipe.data or DIGITS_NAME, split.classes, start, recipe.to_dict(), data_config)
-    state = _training_state(recipe, model, split.classes, updates, scaler)
-    return Run(recipe, processes, split, train_set, val_set, state, _wrapped(model, recipe, processes), mixup,
-               amp_dtype, temperature, card)
+    state = _training_state(recipe, model, split.classes, math.ceil(len(train) / recipe.accumulate), scaler)
+    return Run(recipe, processes, split, train, val, state, _wrapped(model, recipe, processes), mixup, amp_dtype,
+               temperature, card)
 
 
 def _run(recipe: Recipe, processes: Processes, folder: RunFolder, resuming: bool, force: bool) -> FinetuneResult:
@@ -467,13 +426,12 @@ def _run(recipe: Recipe, processes: Processes, folder: RunFolder, resuming: bool
 def _train_epochs(run: Run, folder: RunFolder, rows: List[Dict[str, float]]) -> FinetuneResult:
     """Train, validate and (on the main process) write each remaining epoch; stop early without progress."""
     recipe, state, processes = run.recipe, run.state, run.processes
-    val_loader = _val_loader(run.val_set, recipe.batch_size, recipe.workers, processes)
     run_start, stopped_early = time.perf_counter(), False
     while state.epoch < recipe.epochs:
         epoch_start = time.perf_counter()
         train_loss, img_s = train_one_epoch(state, run.train_model, run.start_epoch(), recipe, processes, run.mixup,
                                             run.amp_dtype, run.temperature)
-        evaluation = validate(state.deployed_model, val_loader, len(run.split.classes), processes.device,
+        evaluation = validate(state.deployed_model, run.val_loader, len(run.split.classes), processes.device,
                               run.amp_dtype, recipe.channels_last)
         improved = state.record(evaluation)
         rows.append(dict(epoch=state.epoch, train_loss=train_loss, val_loss=evaluation.loss, val_top1=evaluation.top1,

@@ -11,7 +11,7 @@ by four attentions computed from the globally pooled input (pool -> 1x1 conv to 
 channels -> BatchNorm -> ReLU -> one 1x1 conv head each, divided by the temperature): over the input channels a_c
 (sigmoid), the output channels a_f (sigmoid; not for depthwise convs), the k x k kernel positions a_s (sigmoid; not
 for 1x1 kernels) and the kernels a_k (softmax; not for kernel_num 1). Parameters and their names map 1:1 onto the
-official ``ODConv2d``. :class:`ODConv2d` computes Eq. 2 in one of three
+official ``ODConv2d``. :class:`ODConv2d` computes Eq. 2 in one of four
 ways (its docstring), all equal to float rounding.
 
 The attention's BatchNorm runs on the pooled (B, C) vectors; in training with a batch of one it normalises with its
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from ._tracing import is_exporting
-from .odconv_fast import Attentions, ConvGeometry, grouped, out_size, per_sample_columns, shared_kernel_columns
+from .odconv_fast import (Attentions, ConvGeometry, gated_columns, grouped, out_size, per_sample_columns,
+                          stacked_columns)
 
 __all__ = ['ODConv2d', 'OmniAttention', 'odconv_temperature', 'set_temperature']
 
@@ -149,21 +150,35 @@ class ODConv2d(nn.Module):
     """Drop-in for ``nn.Conv2d`` (no bias): (B, C_in, H, W) -> (B, C_out, H', W') with per-sample dynamic kernels,
     in the input's memory format.
 
-    Three computations of the same numbers (``zoo/layers/odconv_fast.py``), one per call, as :meth:`computation` says:
+    Four computations of the same numbers (``zoo/layers/odconv_fast.py``), one per call, as :meth:`computation` says:
 
     * ``grouped``: each sample's kernel mixed from the static ones with all four attentions, then one conv over the
       batch with ``groups = B * groups`` (the paper's and the official form). The default on every device.
-    * ``shared_kernel_columns`` (CPU): the input-channel and spatial attentions scale the input's im2col columns, so
-      the static kernel serves the whole batch in one GEMM; for kernel_num 1 when the kernel outweighs the maps.
+    * ``gated_columns`` (CPU): the input-channel and spatial attentions scale the input's im2col columns, which meet
+      the static kernel in one GEMM for the whole batch (kernel_num 1) or each sample's kernel-attention mix of the
+      static kernels, a block of output channels at a time. For the dense k x k convs on small maps, and the 1x1
+      convs with one static kernel that outweighs the maps.
+    * ``stacked_columns`` (CPU, with autograd): the scaled columns times all the static kernels in one GEMM, each
+      sample's outputs mixed by its kernel attention afterwards; kernel_num times the FLOPs, but in large GEMMs, whose
+      backward beats that of the per-sample ones on the smallest maps.
     * ``per_sample_columns``: each sample's mixed kernel times its im2col columns, one batched matmul. On CPU for
       the other dense 1x1 convs; under export (torch.onnx, torch.jit.trace) and TorchScript for every conv, since
       no op in it depends on the batch size.
 
     Attributes:
-        columns_device: Device type on which the column computations run (a GEMM over columns beats oneDNN's grouped
+        columns_device: Device type on which the column computations run (GEMMs over columns beat oneDNN's grouped
             conv over the batch there: benchmarks/RESULTS.md); any other device runs ``grouped``.
         columns_max_positions: On ``columns_device``, a dense k x k conv (k > 1) with fewer output positions than
-            this runs on columns (their k * k copies of the input stay small), a larger one ``grouped``.
+            this runs ``gated_columns`` (their k * k copies of the input stay small), a larger one ``grouped``.
+        stacked_max_extra_positions: With autograd on ``columns_device``, a dense k x k conv with several static
+            kernels runs ``stacked_columns`` while (kernel_num - 1) * output positions (the GEMM rows it adds per
+            sample) stay below this.
+        columns_conv_min_rows: Without autograd, ``gated_columns`` with one static kernel runs its GEMM as oneDNN's
+            1x1 conv over the columns from this many rows (batch x output positions) per output channel, as MKL's
+            GEMM below (oneDNN reorders the kernel on every call).
+        columns_tile_bytes: ``gated_columns`` with several static kernels mixes them for a block of output channels
+            at a time, the block's mixed kernels for the whole batch taking at most this many bytes: a fresh buffer
+            above glibc's mmap threshold (32 MiB) pays its page faults on every call.
 
     The static kernels are one parameter ``weight`` of kernel_num * C_out kernels (kernel_num * C_out, C_in / groups,
     k, k), which ``nn.Module.to(memory_format=...)`` converts like any conv weight; :meth:`kernel_bank` views it as
@@ -209,6 +224,9 @@ class ODConv2d(nn.Module):
         self.padding = dilation * (kernel_size // 2) if padding is None else padding
         self.columns_device = 'cpu'
         self.columns_max_positions = 28 * 28
+        self.stacked_max_extra_positions = 300
+        self.columns_conv_min_rows = 4
+        self.columns_tile_bytes = 16 * 2 ** 20
         self.attention = OmniAttention(
             in_chs, out_chs, kernel_size, max(int(in_chs * reduction), min_channels), groups=groups,
             kernel_num=kernel_num, device=device, dtype=dtype)
@@ -231,20 +249,25 @@ class ODConv2d(nn.Module):
                 f'bias={self.bias is not None}')
 
     def computation(self, x: torch.Tensor) -> str:
-        """The computation for input x (B, C_in, H, W): ``per_sample_columns`` under export and TorchScript; on
-        ``columns_device``, for a dense conv that is 1x1 or has fewer than ``columns_max_positions`` output
-        positions, ``shared_kernel_columns`` where the static kernel (kernel_num 1) outweighs the maps it would
-        scale, else ``per_sample_columns`` for 1x1 kernels; ``grouped`` otherwise."""
+        """The computation for input x (B, C_in, H, W): ``per_sample_columns`` under export and TorchScript;
+        ``grouped`` off ``columns_device`` and for grouped convs. On ``columns_device``, a dense k x k conv runs
+        ``grouped`` from ``columns_max_positions`` output positions, else ``stacked_columns`` with autograd within
+        ``stacked_max_extra_positions``, else ``gated_columns``; a dense 1x1 conv runs ``gated_columns`` where its
+        one static kernel (kernel_num 1) outweighs the maps it would scale, else ``per_sample_columns``."""
         if torch.jit.is_scripting() or is_exporting():
             return 'per_sample_columns'
+        if x.device.type != self.columns_device or self.groups != 1:
+            return 'grouped'
         conv = self._geometry()
         positions = out_size(x.shape[-2], conv) * out_size(x.shape[-1], conv)
-        small = self.kernel_size == 1 or positions < self.columns_max_positions
-        if x.device.type != self.columns_device or self.groups != 1 or not small:
-            return 'grouped'
+        if self.kernel_size > 1:
+            if positions >= self.columns_max_positions:
+                return 'grouped'
+            stacked = self.kernel_num > 1 and (self.kernel_num - 1) * positions < self.stacked_max_extra_positions
+            return 'stacked_columns' if stacked and torch.is_grad_enabled() else 'gated_columns'
         if self.kernel_num == 1 and self.weight.numel() >= x[0].numel() + self.out_chs * positions:
-            return 'shared_kernel_columns'
-        return 'per_sample_columns' if self.kernel_size == 1 else 'grouped'
+            return 'gated_columns'
+        return 'per_sample_columns'
 
     def _geometry(self) -> ConvGeometry:
         return ConvGeometry(self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
@@ -255,8 +278,11 @@ class ODConv2d(nn.Module):
             return per_sample_columns(x, bank, self.bias, attn, conv)
         else:
             computation = self.computation(x)
-            if computation == 'shared_kernel_columns':
-                return shared_kernel_columns(x, bank, self.bias, attn, conv)
+            if computation == 'gated_columns':
+                return gated_columns(x, bank, self.bias, attn, conv, self.columns_tile_bytes,
+                                     self.columns_conv_min_rows)
+            if computation == 'stacked_columns':
+                return stacked_columns(x, bank, self.bias, attn, conv)
             if computation == 'per_sample_columns':
                 return per_sample_columns(x, bank, self.bias, attn, conv)
             return grouped(x, bank, self.bias, attn, conv)

@@ -6,18 +6,22 @@ weight_n) + bias`` (B, C_out, H', W') in the input's memory format:
 
 * :func:`grouped` (every device): each sample's kernel mixed from the static ones with all four attentions, then one
   conv over the batch with ``groups = B * groups``: the paper's form.
-* :func:`shared_kernel_columns` (CPU): the input-channel and spatial attentions scale the input's im2col columns (a
-  1x1 kernel's columns are the input itself), so one static kernel serves the whole batch in one GEMM.
+* :func:`gated_columns` (CPU): Eq. 2 by linearity on the input's im2col columns: the input-channel and spatial
+  attentions scale the columns (a 1x1 kernel's columns are the input itself), which then meet each sample's
+  kernel-attention mix of the static kernels; with one static kernel that is a single GEMM for the whole batch.
+* :func:`stacked_columns` (CPU, training on the smallest maps): the scaled columns times all the static kernels in
+  one GEMM, each sample's outputs mixed by its kernel attention afterwards.
 * :func:`per_sample_columns` (CPU, export, TorchScript): each sample's mixed kernel times its im2col columns, one
   batched matmul; no op depends on the batch size, so a captured graph serves every batch.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-__all__ = ['Attentions', 'ConvGeometry', 'grouped', 'is_channels_last', 'mixed_kernels', 'out_size',
-           'per_sample_columns', 'shared_kernel_columns']
+__all__ = ['Attentions', 'ConvGeometry', 'gated_columns', 'grouped', 'is_channels_last', 'mixed_kernels', 'out_size',
+           'per_sample_columns', 'stacked_columns']
 
 
 class Attentions(NamedTuple):
@@ -112,22 +116,66 @@ class _SamplesIntoChannels(torch.autograd.Function):
         return _channels_into_samples(grad, ctx.batch)
 
 
-def shared_kernel_columns(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], attn: Attentions,
-                          conv: ConvGeometry) -> torch.Tensor:
-    """One static kernel (kernel_num 1, groups 1) for the whole batch: the input-channel and spatial attentions scale
-    the im2col columns instead of the kernel, one GEMM, the output-channel attention and the bias after."""
-    b, out_chs = x.shape[0], weight.shape[1]
-    kernel = weight[0]
-    if conv.kernel_size == 1:  # the columns are the input: a 1x1 conv in x's own memory format
+def gated_columns(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], attn: Attentions,
+                  conv: ConvGeometry, tile_bytes: int, conv_min_rows: int) -> torch.Tensor:
+    """A dense conv (groups 1) as GEMMs over im2col columns scaled by the input-channel and spatial attentions, the
+    output-channel attention and the bias after. The columns meet the static kernel (kernel_num 1: one GEMM for the
+    whole batch, without autograd run as a 1x1 conv from ``conv_min_rows`` rows per output channel) or each sample's
+    kernel-attention mix of the static kernels, made for a block of output channels at a time whose mixed kernels for
+    the batch take at most ``tile_bytes`` (a 1x1 conv with kernel_num 1 only: its columns are the input, one conv in
+    x's own memory format)."""
+    b, kernel_num, out_chs = x.shape[0], weight.shape[0], weight.shape[1]
+    if conv.kernel_size == 1 and kernel_num == 1:
         x = x if conv.stride == 1 else x[:, :, ::conv.stride, ::conv.stride]
-        return _scale_and_shift(F.conv2d(x * attn.channel, kernel), attn.filters, bias)
+        return _scale_and_shift(F.conv2d(x * attn.channel, weight[0]), attn.filters, bias)
     ho, wo = out_size(x.shape[-2], conv), out_size(x.shape[-1], conv)
-    rows = F.linear(_gated_columns(x, attn, conv), kernel.permute(0, 2, 3, 1).reshape(out_chs, -1))
-    out = rows.view(b, ho, wo, out_chs).permute(0, 3, 1, 2)  # channels_last memory, no copy
-    return _scale_and_shift(out if is_channels_last(x) else out.contiguous(), attn.filters, bias)
+    columns = _scaled_columns(x, attn, conv)  # (B, H' * W', k * k * C_in)
+    kernels = attn.kernels
+    if kernels is None and not torch.is_grad_enabled() and b * ho * wo >= conv_min_rows * out_chs:
+        # the GEMM as oneDNN's 1x1 conv over the columns seen as an NHWC image: faster than MKL's once its reorder of
+        # the kernel, on every call, is spread over enough rows
+        image = columns.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+        rows = F.conv2d(image, _taps_outermost(weight[0])[..., None, None]).permute(0, 2, 3, 1).flatten(1, 2)
+    elif kernels is None:
+        rows = F.linear(columns, _taps_outermost(weight[0]))
+    else:
+        width = columns.shape[-1]
+        block = max(1, tile_bytes // (b * width * columns.element_size()))
+        blocks = [torch.bmm(columns, torch.mm(kernels, _taps_outermost(weight[:, start:start + block]).flatten(1))
+                            .view(b, -1, width).transpose(1, 2)) for start in range(0, out_chs, block)]
+        rows = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+    return _rows_as_output(rows, x, ho, wo, attn.filters, bias)
 
 
-def _gated_columns(x: torch.Tensor, attn: Attentions, conv: ConvGeometry) -> torch.Tensor:
+def stacked_columns(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], attn: Attentions,
+                    conv: ConvGeometry) -> torch.Tensor:
+    """A dense conv (groups 1) with several static kernels as one GEMM of the scaled im2col columns (as in
+    :func:`gated_columns`) with all the static kernels, each sample's outputs then mixed by its kernel attention:
+    kernel_num times the FLOPs, all in one large GEMM and its backward."""
+    b, kernel_num, out_chs = x.shape[0], weight.shape[0], weight.shape[1]
+    ho, wo = out_size(x.shape[-2], conv), out_size(x.shape[-1], conv)
+    columns = _scaled_columns(x, attn, conv)
+    rows = F.linear(columns, _taps_outermost(weight).flatten(0, 1)).view(b, ho * wo, kernel_num, out_chs)
+    kernels = attn.kernels
+    assert kernels is not None, 'stacked_columns needs the kernel attention of kernel_num > 1'
+    rows = torch.matmul(kernels.view(b, 1, 1, kernel_num), rows).view(b, ho * wo, out_chs)
+    return _rows_as_output(rows, x, ho, wo, attn.filters, bias)
+
+
+def _rows_as_output(rows: torch.Tensor, x: torch.Tensor, ho: int, wo: int, filters: Optional[torch.Tensor],
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Output rows (B, H' * W', C_out) as (B, C_out, H', W') in x's memory format, times the output-channel
+    attention, plus the bias."""
+    out = rows.view(rows.shape[0], ho, wo, rows.shape[-1]).permute(0, 3, 1, 2)  # channels_last memory, no copy
+    return _scale_and_shift(out if is_channels_last(x) else out.contiguous(), filters, bias)
+
+
+def _taps_outermost(kernels: torch.Tensor) -> torch.Tensor:
+    """Kernels (..., C_out, C_in, k, k) as rows (..., C_out, k * k * C_in), taps outermost like the columns."""
+    return kernels.movedim(-3, -1).flatten(-3)
+
+
+def _scaled_columns(x: torch.Tensor, attn: Attentions, conv: ConvGeometry) -> torch.Tensor:
     """im2col columns (B, H' * W', k * k * C_in) of x, taps outermost within a row, scaled by the input-channel and
     spatial attentions."""
     b, c, k, p = x.shape[0], x.shape[1], conv.kernel_size, conv.padding
@@ -140,13 +188,42 @@ def _gated_columns(x: torch.Tensor, attn: Attentions, conv: ConvGeometry) -> tor
     # the overlapping k x k windows of the input, a strided view (B, H', W', k, k, C_in)
     windows = padded.as_strided((b, ho, wo, k, k, c), (sb, conv.stride * sh, conv.stride * sw, conv.dilation * sh,
                                                        conv.dilation * sw, 1))
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        # autograd through the overlapping view: a hand-written backward that adds the taps' gradients in place bought
-        # 4% of od_resnet18's training step (benchmarks/RESULTS.md, 2026-12-04), under the 5% a computation must buy
+    if torch.compiler.is_compiling():  # inductor derives its own backward; it mis-traces the in-place one below
         columns = (windows * gate).contiguous()
-    else:  # the product written straight into a contiguous buffer (one pass; the line above makes two)
-        columns = torch.mul(windows, gate, out=torch.empty(windows.shape, dtype=x.dtype, device=x.device))
+    else:
+        columns = _WindowsTimesGate.apply(padded, windows, gate)
     return columns.view(b, ho * wo, k * k * c)
+
+
+class _WindowsTimesGate(torch.autograd.Function):
+    """``windows * gate`` into a contiguous buffer, ``windows`` being an overlapping strided view of ``padded`` from
+    its first element. Autograd's own backward takes the slow general path of a view whose elements overlap: this one
+    adds each of the k * k taps' gradients into one buffer in place (1.5x faster ODConv layers on 14 x 14 maps in
+    training, benchmarks/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, padded: torch.Tensor, windows: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(padded, gate)
+        ctx.geometry = windows.shape, windows.stride()
+        return torch.mul(windows, gate, out=torch.empty(windows.shape, dtype=windows.dtype, device=windows.device))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, Optional[torch.Tensor]]:
+        padded, gate = ctx.saved_tensors
+        size, stride = ctx.geometry
+        grad_padded = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_padded = torch.zeros_like(padded)
+            tap_size, tap_stride = size[:3] + size[-1:], stride[:3] + stride[-1:]  # (B, H', W', C_in) of one tap
+            for i in range(size[3]):
+                for j in range(size[4]):
+                    tap = grad_padded.as_strided(tap_size, tap_stride, i * stride[3] + j * stride[4])
+                    tap.addcmul_(grad[:, :, :, i, j], gate[:, :, :, i, j])
+        if ctx.needs_input_grad[2]:
+            windows = padded.as_strided(size, stride)
+            grad_gate = (grad * windows).sum((1, 2), keepdim=True).sum_to_size(gate.shape)
+        return grad_padded, None, grad_gate
 
 
 def _padded_channels_last(x: torch.Tensor, p: int) -> torch.Tensor:
