@@ -5,7 +5,7 @@ interrupted run never leaves a half-written file.
     RUN/config.yaml      the resolved recipe (``zoo finetune --config RUN/config.yaml`` repeats the run)
     RUN/metrics.csv      one row per epoch
     RUN/curves.png       loss and accuracy per epoch
-    RUN/confusion.png    the best model's validation confusion matrix
+    RUN/confusion.png    the best model's validation confusion matrix, written when the run ends
     RUN/state.pth        model, optimizer, scheduler, scaler, EMA, epoch and the best result so far
     RUN/best/, RUN/last/ timm Hub folders (config.json with label_names, model.safetensors, README.md)
 """
@@ -14,7 +14,7 @@ import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -111,15 +111,15 @@ class RunFolder:
 
     def write_epoch(self, rows: Sequence[Dict[str, float]], model: nn.Module, evaluation: Evaluation, improved: bool,
                     card: ModelCard, state: Dict[str, Any]) -> None:
-        """What a finished epoch changes: metrics.csv, curves.png and last/; best/ and confusion.png when it
-        ``improved``; then state.pth, last, so that a resume never starts from a state newer than the exports."""
+        """What a finished epoch changes: metrics.csv, curves.png and last/; best/ when it ``improved``; then
+        state.pth, last, so that a resume never starts from a state newer than the exports. (confusion.png is written
+        when the run ends: :meth:`plot_confusion`.)"""
         epoch = int(rows[-1]['epoch'])
         self.write_metrics(rows)
         self.plot_curves(rows)
         self.export('last', model, evaluation, epoch, card)
         if improved:
             self.export('best', model, evaluation, epoch, card)
-            self.plot_confusion(evaluation, card.classes)
         self.save_state(state)
 
     def export(self, name: str, model: nn.Module, evaluation: Evaluation, epoch: int, card: ModelCard) -> None:
@@ -134,7 +134,8 @@ class RunFolder:
         """Training and validation loss, validation top-1 per epoch, as curves.png."""
         epochs = [int(r['epoch']) for r in rows]
         fig = _figure((9, 3.4))
-        loss_ax, acc_ax = fig.subplots(1, 2)
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.9, wspace=0.25)  # fixed: a layout engine costs
+        loss_ax, acc_ax = fig.subplots(1, 2)  # as much as the drawing, every epoch
         loss_ax.plot(epochs, [r['train_loss'] for r in rows], marker='o', label='train')
         loss_ax.plot(epochs, [r['val_loss'] for r in rows], marker='o', label='validation')
         loss_ax.set(xlabel='epoch', ylabel='loss', title='loss')
@@ -148,7 +149,7 @@ class RunFolder:
         """The validation confusion matrix (rows: true class, columns: predicted) as confusion.png."""
         matrix = evaluation.confusion[:, :-1].numpy()
         size = min(12., 2.5 + 0.45 * len(classes))
-        fig = _figure((size, size))
+        fig = _figure((size, size), layout='constrained')  # class names of any length
         ax = fig.subplots()
         ax.imshow(matrix, cmap='Blues')
         ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel='predicted', ylabel='true',
@@ -162,8 +163,8 @@ class RunFolder:
         atomic_write(self.path / 'confusion.png', lambda tmp: fig.savefig(tmp, format='png', dpi=100))
 
 
-def _figure(size: Tuple[float, float]):
-    """A matplotlib figure of ``size`` inches, laid out as it is drawn, for files only: no pyplot (its global state
-    and window machinery are for screens) and its own canvas."""
+def _figure(size: Tuple[float, float], layout: Optional[str] = None):
+    """A matplotlib figure of ``size`` inches for files only: no pyplot (its global state and window machinery are
+    for screens)."""
     from matplotlib.figure import Figure
-    return Figure(figsize=size, layout='constrained')
+    return Figure(figsize=size, layout=layout)

@@ -446,6 +446,8 @@ def _train_epochs(run: Run, folder: RunFolder, rows: List[Dict[str, float]]) -> 
             if processes.is_main:
                 _logger.info(f'no better validation top-1 for {recipe.patience} epochs: stopping early')
             break
+    if processes.is_main and state.best is not None:
+        folder.plot_confusion(state.best, run.split.classes)
     return FinetuneResult(folder.path, state.best_epoch, state.best, state.epoch, time.perf_counter() - run_start,
                           stopped_early)
 
