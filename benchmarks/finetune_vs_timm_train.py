@@ -5,13 +5,14 @@ The recipe is zoo's embedded default (``DIGITS_DEFAULTS``: van_b0 from scratch, 
 crops of 60-100% of the area). The digits' train / validation split is written once as one ImageFolder
 (``train/`` and ``val/``), which both tools read; train.py gets the same recipe through its flags (its defaults that
 differ from zoo's are set to zoo's: warmup and final lr, per-update schedule, the training interpolation). Each seed
-runs both tools one after the other, the order alternating from seed to seed; every run is timed from start to exit
+runs both tools one after the other, train.py first for even seeds and zoo first for odd ones (give as many of each:
+the second of two runs can be the slower one); every run is timed from start to exit
 (start-up, data reading, training, validation and the files each writes). Results are appended to
 benchmarks/RESULTS.md; the runs' logs stay in ``--work``.
 
 timm's train.py is not in the timm wheel: pass the path of a checkout's train.py (``--train-py`` or TIMM_TRAIN_PY).
 
-    python benchmarks/finetune_vs_timm_train.py --train-py ~/pytorch-image-models/train.py --seeds 0 1 2
+    python benchmarks/finetune_vs_timm_train.py --train-py ~/pytorch-image-models/train.py --seeds 0 1 2 3
 """
 import argparse
 import json
@@ -95,11 +96,12 @@ def render(runs: List[Dict], workers: int, epochs: int) -> List[str]:
     lines = [
         utc_heading('`zoo finetune` vs timm\'s train.py: the default digits recipe'),
         '',
-        f'Machine: {describe_machine(torch.get_num_threads())}, shared with other jobs while it ran. '
+        f'Machine: {describe_machine(torch.get_num_threads())}; load average {os.getloadavg()[2]:.1f} over the '
+        f'last 15 minutes (these runs use 2 cores). '
         f'`benchmarks/finetune_vs_timm_train.py`: van_b0 from scratch on the digits\' default split written as one '
         f'ImageFolder (1,438 training, 359 validation images), 32 px, batch 64, {epochs} epochs, AdamW lr 2e-3, weight '
         f'decay 0.05, 1 warmup epoch, cosine per update, label smoothing 0.1, {workers} loader workers; each seed runs '
-        f'both tools, the order alternating; wall time of the whole command.',
+        f'both tools, train.py first for even seeds; wall time of the whole command.',
         '',
         '| seed | first | train.py s | zoo s | train.py best top-1 | zoo best top-1 |',
         '|---:|---|---:|---:|---:|---:|',
@@ -126,7 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--train-py', type=Path, default=os.environ.get('TIMM_TRAIN_PY'),
                         help="timm's train.py (default: $TIMM_TRAIN_PY)")
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3])
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--epochs', type=int, default=DIGITS_DEFAULTS['epochs'], help='fewer for a quick check')
     parser.add_argument('--work', type=Path, default=Path('runs/finetune_vs_timm_train'),
@@ -142,13 +144,13 @@ def main() -> None:
     settings = dict(DIGITS_DEFAULTS, epochs=args.epochs)
     recipe.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}))
     runs: List[Dict] = []
-    for i, seed in enumerate(args.seeds):
+    for seed in args.seeds:
         output = args.work / f'seed{seed}'
         shutil.rmtree(output, ignore_errors=True)
         commands = {'train.py': train_py_command(args.train_py, data, output / 'train_py', seed, args.workers,
                                                  args.epochs),
                     'zoo': zoo_command(data, output / 'zoo', seed, args.workers, recipe)}
-        for tool in (['train.py', 'zoo'] if i % 2 == 0 else ['zoo', 'train.py']):
+        for tool in (['train.py', 'zoo'] if seed % 2 == 0 else ['zoo', 'train.py']):
             result = run(tool, commands[tool], args.work / f'seed{seed}-{tool}.log', args.timeout)
             runs.append(dict(seed=seed, tool=tool, order=len(runs), **result))
             print(json.dumps(runs[-1]), flush=True)  # partial results, as they come

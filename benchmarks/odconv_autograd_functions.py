@@ -1,11 +1,10 @@
-"""What ODConv's hand-written autograd Function buys: a training step with it against the same step with autograd's
+"""What ODConv's hand-written autograd Functions buy: a training step with each against the same step with autograd's
 own backward in its place, the two taking turns on the same model in one process.
 
 * ``_SamplesIntoChannels`` (``grouped`` on a channels_last input) against the permute-and-copy with autograd's
   permuted gradient: od_mobilenetv2_100, channels_last.
-
-(``_WindowsTimesGate``, the in-place backward of the im2col columns, was measured by this script at f2768af and
-removed: benchmarks/RESULTS.md, 2026-12-04.)
+* ``_WindowsTimesGate`` (the im2col columns of ``gated_columns`` / ``stacked_columns``, the taps' gradients added in
+  place) against autograd through the overlapping strided view: od_resnet18, NCHW.
 
     python benchmarks/odconv_autograd_functions.py
 """
@@ -23,6 +22,8 @@ from zoo.layers import odconv_fast
 CASES = (
     ('_SamplesIntoChannels', 'od_mobilenetv2_100', torch.channels_last, odconv_fast._SamplesIntoChannels,
      odconv_fast._samples_into_channels),
+    ('_WindowsTimesGate', 'od_resnet18', torch.contiguous_format, odconv_fast._WindowsTimesGate,
+     lambda padded, windows, gate: (windows * gate).contiguous()),
 )
 
 
