@@ -124,27 +124,46 @@ def gated_columns(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     kernel-attention mix of the static kernels, made for a block of output channels at a time whose mixed kernels for
     the batch take at most ``tile_bytes`` (a 1x1 conv with kernel_num 1 only: its columns are the input, one conv in
     x's own memory format)."""
-    b, kernel_num, out_chs = x.shape[0], weight.shape[0], weight.shape[1]
+    b, kernel_num = x.shape[0], weight.shape[0]
     if conv.kernel_size == 1 and kernel_num == 1:
         x = x if conv.stride == 1 else x[:, :, ::conv.stride, ::conv.stride]
         return _scale_and_shift(F.conv2d(x * attn.channel, weight[0]), attn.filters, bias)
     ho, wo = out_size(x.shape[-2], conv), out_size(x.shape[-1], conv)
     columns = _scaled_columns(x, attn, conv)  # (B, H' * W', k * k * C_in)
     kernels = attn.kernels
-    if kernels is None and not torch.is_grad_enabled() and b * ho * wo >= conv_min_rows * out_chs:
-        # the GEMM as oneDNN's 1x1 conv over the columns seen as an NHWC image: faster than MKL's once its reorder of
-        # the kernel, on every call, is spread over enough rows
-        image = columns.view(b, ho, wo, -1).permute(0, 3, 1, 2)
-        rows = F.conv2d(image, _taps_outermost(weight[0])[..., None, None]).permute(0, 2, 3, 1).flatten(1, 2)
-    elif kernels is None:
-        rows = F.linear(columns, _taps_outermost(weight[0]))
+    if kernels is None:
+        rows = _static_kernel_rows(columns, weight[0], (b, ho, wo), conv_min_rows)
     else:
-        width = columns.shape[-1]
-        block = max(1, tile_bytes // (b * width * columns.element_size()))
-        blocks = [torch.bmm(columns, torch.mm(kernels, _taps_outermost(weight[:, start:start + block]).flatten(1))
-                            .view(b, -1, width).transpose(1, 2)) for start in range(0, out_chs, block)]
-        rows = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+        rows = _mixed_kernel_rows(columns, weight, kernels, tile_bytes)
     return _rows_as_output(rows, x, ho, wo, attn.filters, bias)
+
+
+def _static_kernel_rows(columns: torch.Tensor, kernel: torch.Tensor, size: Tuple[int, int, int],
+                        conv_min_rows: int) -> torch.Tensor:
+    """Rows (B, H' * W', C_out): the columns (B, H' * W', k * k * C_in) of a batch of ``size`` (B, H', W') times one
+    static kernel (C_out, C_in, k, k) in one GEMM; without autograd, from ``conv_min_rows`` rows per output channel,
+    as oneDNN's 1x1 conv over the columns seen as an NHWC image (faster than MKL's GEMM once its reorder of the
+    kernel, on every call, is spread over enough rows)."""
+    b, ho, wo = size
+    rows_kernel = _taps_outermost(kernel)
+    if torch.is_grad_enabled() or b * ho * wo < conv_min_rows * kernel.shape[0]:
+        return F.linear(columns, rows_kernel)
+    image = columns.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+    return F.conv2d(image, rows_kernel[..., None, None]).permute(0, 2, 3, 1).flatten(1, 2)
+
+
+def _mixed_kernel_rows(columns: torch.Tensor, weight: torch.Tensor, kernels: torch.Tensor,
+                       tile_bytes: int) -> torch.Tensor:
+    """Rows (B, H' * W', C_out): each sample's columns times its kernel-attention mix (B, kernel_num) of the static
+    kernels (kernel_num, C_out, C_in, k, k), mixed for a block of output channels at a time whose kernels for the
+    whole batch take at most ``tile_bytes``."""
+    b, width = columns.shape[0], columns.shape[-1]
+    block = max(1, tile_bytes // (b * width * columns.element_size()))
+    blocks = []
+    for start in range(0, weight.shape[1], block):
+        mixed = torch.mm(kernels, _taps_outermost(weight[:, start:start + block]).flatten(1)).view(b, -1, width)
+        blocks.append(torch.bmm(columns, mixed.transpose(1, 2)))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
 
 
 def stacked_columns(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], attn: Attentions,
