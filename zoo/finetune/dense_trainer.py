@@ -41,11 +41,12 @@ from zoo.hub import move_into_place, export_hub_folder
 from zoo.layers import odconv_temperature, set_temperature
 from .dense_data import IGNORE_INDEX, CocoDetections, MaskImages, detection_collate, read_dense_folder
 from .distributed import Processes, join_processes, leave_processes, sum_over_processes
-from .loaders import seed_epoch, training_loader, validation_loader
+from .loaders import start_epoch, training_loader, validation_loader
 from .recipe import Recipe, RecipeError
 from .run_folder import RunFolder, RunFolderError
 from .shapes import shapes_folder
-from .trainer import amp_settings, anneals_temperature, build_model, open_run_folder, optimizer_step
+from .trainer import (amp_settings, anneals_temperature, build_model, open_run_folder, optimization_state,
+                      optimizer_step, restore_optimization)
 
 __all__ = ['DenseResult', 'finetune_dense']
 
@@ -160,9 +161,8 @@ class _DenseRun:
 
     def train_epoch(self, epoch: int) -> Tuple[float, float]:
         """One epoch; the mean training loss (over every process) and the images per second."""
-        recipe, device, loader = self.recipe, self.processes.device, self.train_loader
-        seed_epoch(recipe.seed, epoch, self.processes.rank)
-        loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        recipe, device = self.recipe, self.processes.device
+        loader = start_epoch(self.train_loader, recipe.seed, epoch, self.processes.rank)
         autocast = torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         self.train_model.train()
         loss_sum, count, start = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
@@ -250,9 +250,8 @@ class _DenseRun:
 
     def state(self) -> Dict[str, Any]:
         return {
-            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-            'scheduler': self.scheduler.state_dict(), 'scaler': self.scaler.state_dict() if self.scaler else None,
-            'epoch': self.epoch, 'best_epoch': self.best_epoch, 'best': self.best, 'classes': self.data.classes,
+            **optimization_state(self.model, self.optimizer, self.scheduler, self.scaler), 'epoch': self.epoch,
+            'best_epoch': self.best_epoch, 'best': self.best, 'classes': self.data.classes,
             'model_name': self.recipe.model, 'task': self.recipe.task, 'seed': self.recipe.seed,
         }
 
@@ -260,11 +259,7 @@ class _DenseRun:
         if state.get('task') != self.recipe.task or state['classes'] != self.data.classes:
             raise RunFolderError(f'{self.folder.path} is a {state.get("task", "classify")} run on classes '
                                  f'{", ".join(state["classes"][:5])}...: it cannot be resumed on these data')
-        self.model.load_state_dict(state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
-        if self.scaler and state['scaler']:
-            self.scaler.load_state_dict(state['scaler'])
+        restore_optimization(state, self.model, self.optimizer, self.scheduler, self.scaler)
         self.epoch, self.best_epoch, self.best = state['epoch'], state['best_epoch'], state['best']
         self.rows = self.folder.metrics()[:self.epoch]
 

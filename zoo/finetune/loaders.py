@@ -9,7 +9,7 @@ Randomness, so that a run resumed at any epoch boundary continues exactly as the
   RNGs seeded by (seed, epoch, index): :class:`SeededSamples`. It does not depend on which worker or process reads
   the sample, so ``--workers`` may change on a resume.
 * The training step's own draws (stochastic depth, dropout, mixup) come from the main process's global RNGs, seeded
-  by (seed, epoch, rank) at the start of each epoch: :func:`seed_epoch`.
+  by (seed, epoch, rank) at the start of each epoch: :func:`start_epoch`.
 * The loaders draw nothing from the global RNGs (each has a generator of its own).
 
 Like timm's ``train.py``, an epoch leaves out the last incomplete batch (of each process's share) when there is a
@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from .distributed import Processes
 
-__all__ = ['EpochSampler', 'SeededSamples', 'seed_epoch', 'training_loader', 'validation_loader']
+__all__ = ['EpochSampler', 'SeededSamples', 'global_rngs_kept', 'seed_epoch', 'start_epoch', 'training_loader',
+           'validation_loader']
 
 _STEP_DRAWS, _SAMPLE_DRAWS = 0, 1  # keep the seeds of the two kinds of draws apart (rank r and sample index r)
 
@@ -55,14 +56,24 @@ def _seed_global_rngs(value: int) -> None:
 
 
 @contextlib.contextmanager
-def _global_rngs_restored() -> Iterator[None]:
-    torch_state, python_state, numpy_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+def global_rngs_kept(cuda: bool = True) -> Iterator[None]:
+    """The caller's global RNG states (torch's CPU one, CUDA's too with ``cuda``, ``random``'s and numpy's),
+    restored on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=None if cuda else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def start_epoch(loader: DataLoader, seed: int, epoch: int, rank: int) -> DataLoader:
+    """``loader`` (from :func:`training_loader`) set to ``epoch``, with the main process's RNGs seeded for it
+    (:func:`seed_epoch`)."""
+    seed_epoch(seed, epoch, rank)
+    loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+    return loader
 
 
 class SeededSamples(Dataset):
@@ -77,10 +88,9 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]) -> Any:
         seed, index = key
-        if get_worker_info() is not None:  # a worker's RNGs serve its samples only: nothing to restore
-            _seed_global_rngs(seed)
-            return self.dataset[index]
-        with _global_rngs_restored():  # read in the main process (no workers): its own draws stay its own
+        # read in the main process (no workers), its own draws stay its own; a worker's RNGs serve its samples only
+        kept = global_rngs_kept(cuda=False) if get_worker_info() is None else contextlib.nullcontext()
+        with kept:
             _seed_global_rngs(seed)
             return self.dataset[index]
 

@@ -21,14 +21,12 @@ the run seeds are restored when :func:`finetune` returns.
 import contextlib
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -49,12 +47,13 @@ from .data import FolderSplit, ImageFiles, read_image_folder, transforms_for
 from .digits import digits_folder
 from .distributed import Processes, join_processes, leave_processes, sum_over_processes
 from .evaluate import Evaluation, evaluate
-from .loaders import seed_epoch, training_loader, validation_loader
+from .loaders import global_rngs_kept, start_epoch, training_loader, validation_loader
 from .recipe import Recipe, RecipeError
 from .run_folder import ModelCard, RunFolder, RunFolderError
 
 __all__ = ['FinetuneResult', 'Run', 'TrainingState', 'amp_settings', 'anneals_temperature', 'build_model',
-           'finetune', 'open_run_folder', 'optimizer_step', 'prepare_run', 'train_one_epoch', 'validate']
+           'finetune', 'open_run_folder', 'optimization_state', 'optimizer_step', 'prepare_run',
+           'restore_optimization', 'train_one_epoch', 'validate']
 
 _logger = logging.getLogger(__name__)
 _AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -105,8 +104,7 @@ class TrainingState:
 
     def state_dict(self) -> Dict[str, Any]:
         return {
-            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-            'scheduler': self.scheduler.state_dict(), 'scaler': self.scaler.state_dict() if self.scaler else None,
+            **optimization_state(self.model, self.optimizer, self.scheduler, self.scaler),
             'ema': self.ema.module.state_dict() if self.ema else None, 'epoch': self.epoch,
             'best_epoch': self.best_epoch, 'best': vars(self.best) if self.best else None,
             'classes': self.classes, 'model_name': self.model_name, 'seed': self.seed,
@@ -118,27 +116,29 @@ class TrainingState:
             raise RunFolderError(f'the saved state is of {state["model_name"]} on classes '
                                  f'{", ".join(state["classes"][:5])}... with seed {state["seed"]}: it cannot be '
                                  f'resumed as {self.model_name} on these data with seed {self.seed}')
-        self.model.load_state_dict(state['model'])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
-        if self.scaler and state['scaler']:
-            self.scaler.load_state_dict(state['scaler'])
+        restore_optimization(state, self.model, self.optimizer, self.scheduler, self.scaler)
         if self.ema is not None and state['ema']:
             self.ema.module.load_state_dict(state['ema'])
         self.epoch, self.best_epoch = state['epoch'], state['best_epoch']
         self.best = Evaluation(**state['best']) if state['best'] else None
 
 
-@contextlib.contextmanager
-def _global_rngs_kept() -> Iterator[None]:
-    """The caller's RNG states (torch's, CUDA's included, random's and numpy's), restored on exit."""
-    python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng():
-        try:
-            yield
-        finally:
-            random.setstate(python)
-            np.random.set_state(numpy)
+def optimization_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler,
+                       scaler: Optional[torch.amp.GradScaler]) -> Dict[str, Any]:
+    """The state dicts of what an optimization run updates (the scaler's None without one), as ``state.pth`` holds
+    them for both trainers."""
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+            'scaler': scaler.state_dict() if scaler else None}
+
+
+def restore_optimization(state: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                         scheduler: Scheduler, scaler: Optional[torch.amp.GradScaler]) -> None:
+    """Load what :func:`optimization_state` saved, as saved (the weights in the model's own layout)."""
+    model.load_state_dict(state['model'])
+    optimizer.load_state_dict(state['optimizer'])
+    scheduler.load_state_dict(state['scheduler'])
+    if scaler and state['scaler']:
+        scaler.load_state_dict(state['scaler'])
 
 
 # model and state ------------------------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def finetune(recipe: Recipe, resume: Optional[Path] = None, force: bool = False)
     processes = join_processes()
     try:
         folder = open_run_folder(recipe, resume, force)
-        with _global_rngs_kept():
+        with global_rngs_kept():
             return _run(recipe, processes, folder, resume is not None, force)
     finally:
         leave_processes(processes)
@@ -369,11 +369,9 @@ class Run:
     card: ModelCard
 
     def start_epoch(self) -> DataLoader:
-        """Seed the RNGs for the next epoch (:func:`~zoo.finetune.loaders.seed_epoch`) and return its training
-        loader."""
-        seed_epoch(self.recipe.seed, self.state.epoch, self.processes.rank)
-        self.train_loader.sampler.set_epoch(self.state.epoch)  # type: ignore[attr-defined]
-        return self.train_loader
+        """The training loader set to the next epoch, the RNGs seeded for it
+        (:func:`zoo.finetune.loaders.start_epoch`)."""
+        return start_epoch(self.train_loader, self.recipe.seed, self.state.epoch, self.processes.rank)
 
 
 def prepare_run(recipe: Recipe, processes: Processes) -> Run:
